@@ -1,0 +1,171 @@
+"""Typed configuration, registered with Hydra's ConfigStore.
+
+Every node is a dataclass, so a misspelled key or a wrong type is an error that names it. The
+YAML files under ``relaxrl/conf`` select and fill these schemas; ``relaxrl/conf/config.yaml`` is the
+root. Polymorphic groups (``algorithm``, ``env``) store one schema per option.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from relaxrl.algorithms.grpo import GRPOConfig
+from relaxrl.models.lora import LoraConfig
+
+
+@dataclass
+class RayConfig:
+    address: Optional[str] = None  # None: start a local Ray; "auto" or "ray://host:10001" joins a cluster
+    num_cpus: Optional[int] = None  # CPUs of the local Ray (ignored when joining a cluster)
+    namespace: str = "relaxrl"
+    host: str = "127.0.0.1"  # bind address of the local Ray dashboard and Serve's HTTP proxy
+    include_dashboard: bool = False
+
+
+@dataclass
+class TinyModelConfig:
+    arch: str = "qwen2"  # qwen2 | llama
+    hidden_size: int = 128  # head dim = hidden/heads must be >= 32 (vLLM CPU attention accepts it)
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 256
+    max_position_embeddings: int = 256
+    seed: int = 0
+
+
+@dataclass
+class WarmStartConfig:
+    steps: int = 0  # supervised steps on the env's solutions before RL (0: none)
+    lr: float = 3e-3
+    batch_size: int = 32
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    source: str = "tiny"  # tiny: built offline from `tiny`; local: `path` holds a saved HF model
+    path: Optional[str] = None  # local directory with config.json + tokenizer (never downloaded)
+    dtype: str = "float32"
+    cache_dir: str = "~/.cache/relaxrl/models"  # where built tiny models are cached, keyed by config
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class ArithmeticEnvConfig:
+    name: str = "arithmetic"
+    ops: list[str] = field(default_factory=lambda: ["+"])
+    min_operand: int = 0
+    max_operand: int = 9
+    eval_size: int = 64
+    domain: str = "arithmetic"
+
+
+@dataclass
+class DatasetEnvConfig:
+    name: str = "dataset"
+    path: str = MISSING  # local .jsonl / .json / .parquet file
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    domain_field: Optional[str] = None
+    domain: str = "default"
+    verifier: str = "exact"  # exact | numeric | contains
+    eval_fraction: float = 0.1
+
+
+@dataclass
+class RolloutConfig:
+    max_staleness: int = 1  # trained version - generating version never exceeds this; 0 = synchronous
+    group_size: int = 8  # responses per prompt (one GRPO group)
+    groups_per_step: int = 4  # prompt groups per optimizer step
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 8
+    max_inflight_groups: int = 0  # concurrent group requests; 0 = groups_per_step * (max_staleness + 1)
+    num_replicas: int = 1
+    num_cpus: float = 0.5
+    num_gpus: float = 0.0
+    torch_threads: int = 1
+    batch_max_groups: int = 8  # Serve request batching: groups merged into one generate call
+    batch_wait_s: float = 0.005
+
+
+@dataclass
+class RewardConfig:
+    num_replicas: int = 1
+    num_cpus: float = 0.1
+    timeout_s: float = 10.0  # a verifier call slower than this counts as a timeout
+    max_workers: int = 8  # verifier threads per replica
+    on_error: str = "drop"  # drop: the group is dropped and counted; zero: reward = error_reward
+    error_reward: float = 0.0
+
+
+@dataclass
+class TeacherConfig:
+    enabled: bool = False  # forced on when the algorithm needs ref/teacher log-probs
+    checkpoint: Optional[str] = None  # None: the initial policy (the reference for KL)
+    num_replicas: int = 1
+    num_cpus: float = 0.2
+    num_gpus: float = 0.0
+    torch_threads: int = 1
+    top_k: int = 0
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 50
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    max_grad_norm: float = 1.0
+    warmup_steps: int = 0
+    micro_batch_size: int = 32
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    torch_threads: int = 1
+    checkpoint_every: int = 0  # steps between checkpoints; 0: only the final one
+    save_final: bool = True
+    get_batch_timeout_s: float = 600.0  # fail loudly instead of waiting forever for data
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "console"  # console | wandb (console output and metrics.jsonl are always written)
+    progress: bool = True  # tqdm progress bar
+    project: str = "relaxrl"
+    entity: Optional[str] = None
+    mode: Optional[str] = None  # wandb mode; None: WANDB_MODE from the environment, else online
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    run_dir: str = "${hydra:runtime.output_dir}"
+    ray: RayConfig = field(default_factory=RayConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    env: Any = MISSING
+    algorithm: Any = MISSING
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    cs.store(group="algorithm", name="grpo_schema", node=GRPOConfig)
+    cs.store(group="env", name="arithmetic_schema", node=ArithmeticEnvConfig)
+    cs.store(group="env", name="dataset_schema", node=DatasetEnvConfig)
+
+
+register_configs()

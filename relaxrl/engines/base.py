@@ -1,0 +1,71 @@
+"""Engine contracts. Engines hold the model and do the compute; they never import Ray."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Protocol, Sequence
+
+import torch
+
+from relaxrl.sample import TensorBatch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 8
+    seed: Optional[int] = None  # per-request seed: the same seed and weights give the same tokens
+
+
+@dataclass
+class Generation:
+    """One sampled response."""
+
+    response_ids: list[int]  # includes the EOS token when the response stopped on it
+    logprobs: list[float]  # log pi(token) under the *sampling* distribution at temperature 1 / top_p 1
+    finish_reason: str  # "stop" or "length"
+
+
+@dataclass
+class WeightPayload:
+    """A versioned weight update: the full state dict, or only a LoRA adapter's tensors."""
+
+    version: int
+    kind: str  # "full" or "lora"
+    blob: bytes  # safetensors-serialised state dict
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.blob)
+
+
+class GenerationEngine(Protocol):
+    version: int
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Generation]:
+        """Sample one response per prompt (repeat a prompt n times for a group)."""
+
+    def load_weights(self, payload: WeightPayload) -> None:
+        """Replace the policy weights with ``payload`` and adopt its version."""
+
+
+# loss_fn(token_logprobs [b, T-1], micro_batch) -> (loss already normalised for the whole batch, metrics)
+LossFn = Callable[[torch.Tensor, TensorBatch], "tuple[torch.Tensor, dict[str, float]]"]
+
+
+class TrainerEngine(Protocol):
+    version: int
+
+    def train_step(self, batch: TensorBatch, loss_fn: LossFn) -> dict[str, float]:
+        """One optimizer step over ``batch`` (micro-batched, gradients accumulated); bumps version."""
+
+    def logprobs(self, batch: TensorBatch) -> torch.Tensor:
+        """Per-target-token log-probs ``[B, T-1]`` under the current weights, no grad."""
+
+    def export_weights(self) -> WeightPayload:
+        """The weights to publish: full state, or the adapter only when LoRA is on."""
+
+    def save_checkpoint(self, path: str) -> None: ...
+
+    def load_checkpoint(self, path: str) -> None: ...

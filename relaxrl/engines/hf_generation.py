@@ -1,0 +1,171 @@
+"""A plain-PyTorch generation engine on ``transformers``' ``generate`` (CPU smoke runs and tests).
+
+Behaviour log-probs are ``log_softmax(logits / temperature)`` at each sampled token: the
+distribution actually sampled from *before* top-p truncation (top-p is not reflected in the
+log-prob). The trainer computes the same quantity (``token_logprobs`` with the same temperature),
+so on identical weights the importance ratio is exactly 1. Greedy decoding (temperature 0)
+reports temperature-1 log-probs.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+from transformers import GenerationConfig
+
+from relaxrl.engines.base import Generation, SamplingParams, WeightPayload
+from relaxrl.engines.logprobs import gather_response, left_pad, right_pad, token_logprobs, token_logprobs_topk
+from relaxrl.engines.payload import load_full_state_dict, unpack_weights
+from relaxrl.models.lora import LoraConfig, apply_lora, is_lora, load_adapter_state_dict
+
+
+class Scored(NamedTuple):
+    """Per-response-token log-probs of given sequences, with optional top-k alternatives."""
+
+    logprobs: list[list[float]]
+    topk_ids: Optional[list[list[list[int]]]] = None
+    topk_logprobs: Optional[list[list[list[float]]]] = None
+
+
+def check_payload_kind(payload: WeightPayload, lora_on: bool) -> None:
+    expected = "lora" if lora_on else "full"
+    if payload.kind != expected:
+        raise ValueError(
+            f"weight payload kind {payload.kind!r} does not match this engine, which expects "
+            f"{expected!r} (LoRA is {'on' if lora_on else 'off'}); trainer and rollout must share the LoRA setting"
+        )
+
+
+class HFGenerationEngine:
+    """Implements ``GenerationEngine`` (and ``score`` for teacher/reference roles)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        *,
+        lora: LoraConfig | None = None,
+        torch_threads: int | None = 1,
+    ) -> None:
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.tokenizer = tokenizer
+        self.eos_id = int(tokenizer.eos_token_id)
+        self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id)
+        # Sampling is defined by SamplingParams alone: drop a checkpoint's generation defaults
+        # (top_k, repetition_penalty, ...) that the trainer's log-probs would not reflect.
+        base = model.get_base_model() if is_lora(model) else model
+        base.generation_config = GenerationConfig(
+            pad_token_id=self.pad_id, eos_token_id=self.eos_id, bos_token_id=base.generation_config.bos_token_id
+        )
+        if lora is not None and lora.enabled and not is_lora(model):
+            model = apply_lora(model, lora)
+        self.model = model.eval()
+        self.lora_on = is_lora(model)
+        self.version = 0
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str, *, lora: LoraConfig | None = None, dtype: str = "float32", torch_threads: int | None = 1
+    ) -> "HFGenerationEngine":
+        from relaxrl.models.loading import load_model, load_tokenizer
+
+        return cls(load_model(path, dtype=dtype), load_tokenizer(path), lora=lora, torch_threads=torch_threads)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Generation]:
+        """One response per prompt; the same ``seed``, prompts and weights give the same tokens."""
+        if not prompts:
+            return []
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("generate() needs non-empty prompts")
+        ids, mask = left_pad([list(p) for p in prompts], self.pad_id)
+        greedy = params.temperature <= 0
+        sampling = {} if greedy else {"temperature": params.temperature, "top_p": params.top_p, "top_k": 0}
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                do_sample=not greedy,
+                max_new_tokens=params.max_new_tokens,
+                pad_token_id=self.pad_id,
+                eos_token_id=self.eos_id,
+                return_dict_in_generate=True,
+                output_logits=True,
+                **sampling,
+            )
+            new = out.sequences[:, ids.shape[1] :]
+            temperature = params.temperature if not greedy else 1.0
+            # One [B, V] step at a time: never materialise [B, n, V] float copies.
+            chosen = torch.stack(
+                [
+                    torch.log_softmax(step.float() / temperature, dim=-1).gather(-1, new[:, s : s + 1]).squeeze(-1)
+                    for s, step in enumerate(out.logits)
+                ],
+                dim=1,
+            ).cpu()
+        new = new.cpu()
+        results = []
+        for i in range(len(prompts)):
+            row = new[i].tolist()
+            stop = row.index(self.eos_id) + 1 if self.eos_id in row else None
+            n = stop if stop is not None else min(len(row), params.max_new_tokens)
+            results.append(
+                Generation(
+                    response_ids=row[:n],
+                    logprobs=chosen[i, :n].tolist(),
+                    finish_reason="stop" if stop is not None else "length",
+                )
+            )
+        return results
+
+    def load_weights(self, payload: WeightPayload) -> None:
+        """Load a ``"full"`` state dict, or a ``"lora"`` adapter into a LoRA engine; adopt its version."""
+        check_payload_kind(payload, self.lora_on)
+        state = unpack_weights(payload)
+        with torch.no_grad():
+            if self.lora_on:
+                load_adapter_state_dict(self.model, state)
+            else:
+                load_full_state_dict(self.model, state)
+        self.version = int(payload.version)
+
+    def score(
+        self,
+        token_ids: Sequence[Sequence[int]],
+        prompt_lens: Sequence[int],
+        top_k: int = 0,
+        *,
+        temperature: float = 1.0,
+        batch_size: int = 16,
+    ) -> Scored:
+        """Log-probs of each response token (``token_ids[i][prompt_lens[i]:]``) under this model.
+
+        With ``top_k > 0`` also the ids and log-probs of the k likeliest tokens at each response
+        position (for distillation).
+        """
+        lps: list[list[float]] = []
+        top_ids: list = []
+        top_lps: list = []
+        for start in range(0, len(token_ids), batch_size):
+            seqs = [list(s) for s in token_ids[start : start + batch_size]]
+            plens = list(prompt_lens[start : start + batch_size])
+            if any(p < 1 or p > len(s) for p, s in zip(plens, seqs)):
+                raise ValueError("each prompt length must be between 1 and its sequence length")
+            lengths = [len(s) - p for s, p in zip(seqs, plens)]
+            ids, mask = right_pad(seqs, self.pad_id)
+            with torch.inference_mode():
+                if top_k > 0:
+                    chosen, ids_k, lps_k = token_logprobs_topk(self.model, ids, mask, top_k, temperature)
+                    top_ids += gather_response(ids_k.cpu(), plens, lengths)
+                    top_lps += gather_response(lps_k.cpu(), plens, lengths)
+                else:
+                    chosen = token_logprobs(self.model, ids, mask, temperature)
+            lps += gather_response(chosen.cpu(), plens, lengths)
+        return Scored(lps, top_ids if top_k > 0 else None, top_lps if top_k > 0 else None)

@@ -1,0 +1,17 @@
+"""Env construction by name, as config files name them."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from relaxrl.envs.arithmetic import ArithmeticEnv
+from relaxrl.envs.dataset import DatasetEnv
+
+ENVS: dict[str, Callable[..., Any]] = {"arithmetic": ArithmeticEnv, "dataset": DatasetEnv}
+
+
+def make_env(name: str, **kwargs: Any) -> Any:
+    """The env registered as ``name`` built with ``kwargs``; unknown kwargs raise ``TypeError``."""
+    if name not in ENVS:
+        raise ValueError(f"unknown env {name!r}; valid: {sorted(ENVS)}")
+    return ENVS[name](**kwargs)

@@ -1,0 +1,158 @@
+"""Setting a run up: Ray, the model directory, the role deployments, the queue and weight store."""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import ray
+from omegaconf import DictConfig, OmegaConf
+from ray import serve
+
+from relaxrl.queue import QueueActor
+from relaxrl.weights import WeightStore, store_name
+
+log = logging.getLogger(__name__)
+
+
+def plain(node: Any) -> Any:
+    """A config node as plain Python (dicts/lists), safe to send to Ray workers."""
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def init_ray(cfg: DictConfig) -> None:
+    """Join ``ray.address`` or start a local Ray bound to 127.0.0.1; Serve's proxy binds there too."""
+    if not ray.is_initialized():
+        # Local runs need no auth token; a cluster keeps whatever its operator configured.
+        if cfg.ray.address is None:
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(
+            address=cfg.ray.address,
+            num_cpus=cfg.ray.num_cpus if cfg.ray.address is None else None,
+            namespace=cfg.ray.namespace,
+            include_dashboard=cfg.ray.include_dashboard,
+            dashboard_host=cfg.ray.host,
+            log_to_driver=True,
+            logging_level=logging.WARNING,
+        )
+    serve.start(http_options={"host": cfg.ray.host}, logging_config={"log_level": "WARNING"})
+
+
+def prepare_model_dir(cfg: DictConfig) -> str:
+    """The local directory every role loads from (``from_pretrained``); tiny models are built once."""
+    m = cfg.model
+    if m.source == "local":
+        from relaxrl.models.loading import load_tokenizer
+
+        if not m.path:
+            raise ValueError("model.source=local needs model.path (a local directory)")
+        load_tokenizer(m.path)  # fails early and clearly if the directory is wrong
+        return os.path.abspath(os.path.expanduser(m.path))
+    if m.source != "tiny":
+        raise ValueError(f"model.source must be 'tiny' or 'local', got {m.source!r}")
+    from relaxrl.envs.registry import make_env
+    from relaxrl.models.loading import prepare_tiny_model_dir
+
+    env = make_env(**plain(cfg.env))
+    pairs_fn = getattr(env, "sft_pairs", None)
+    return prepare_tiny_model_dir(
+        cache_dir=os.path.expanduser(m.cache_dir),
+        model_kwargs=plain(m.tiny),
+        warm_start_pairs_fn=(lambda n: pairs_fn(n, seed=m.warm_start.seed)) if pairs_fn else None,
+        warm_start=plain(m.warm_start),
+        key_extra={"env": plain(cfg.env)},
+    )
+
+
+@dataclass
+class Roles:
+    run_id: str
+    rollout: Any  # DeploymentHandle
+    reward: Any
+    actor: Any
+    teacher: Optional[Any]
+    queue: Any  # ActorHandle of QueueActor
+    weights: Any  # ActorHandle of WeightStore
+
+    def shutdown(self) -> None:
+        for name in ("rollout", "reward", "actor", "teacher"):
+            try:
+                serve.delete(f"{name}-{self.run_id}")
+            except Exception as e:  # best effort: Serve may already be gone
+                log.warning("could not delete Serve app %s: %s", name, e)
+        for handle in (self.queue, self.weights):
+            ray.kill(handle)
+
+
+def needs_teacher(cfg: DictConfig, required_fields: tuple[str, ...]) -> bool:
+    return bool(cfg.teacher.enabled) or any(f in required_fields for f in ("ref_logprobs", "teacher_logprobs"))
+
+
+def start_roles(cfg: DictConfig, model_dir: str, required_fields: tuple[str, ...]) -> Roles:
+    """Deploy rollout, reward, actor (and teacher when needed) as separate Serve applications."""
+    from relaxrl.services.actor import Actor
+    from relaxrl.services.reward import Reward
+    from relaxrl.services.rollout import Rollout
+    from relaxrl.services.teacher import Teacher
+
+    run_id = uuid.uuid4().hex[:8]
+    ns = cfg.ray.namespace
+    store = ray.remote(WeightStore).options(name=store_name(run_id), namespace=ns, num_cpus=0).remote()
+    queue = (
+        ray.remote(QueueActor)
+        .options(num_cpus=0, max_concurrency=1000)
+        .remote(
+            groups_per_step=cfg.rollout.groups_per_step,
+            group_size=cfg.rollout.group_size,
+            max_staleness=cfg.rollout.max_staleness,
+            required_fields=required_fields,
+        )
+    )
+    lora = plain(cfg.model.lora) if cfg.model.lora.enabled else None
+    r, rw, t, tr = cfg.rollout, cfg.reward, cfg.teacher, cfg.trainer
+    apps = {
+        "rollout": Rollout.options(
+            num_replicas=r.num_replicas,
+            ray_actor_options={"num_cpus": r.num_cpus, "num_gpus": r.num_gpus},
+        ).bind(
+            model_dir,
+            sampling={"temperature": r.temperature, "top_p": r.top_p, "max_new_tokens": r.max_new_tokens},
+            lora=lora,
+            dtype=cfg.model.dtype,
+            torch_threads=r.torch_threads,
+            store_name=store_name(run_id),
+            namespace=ns,
+            batch_max_groups=r.batch_max_groups,
+            batch_wait_s=r.batch_wait_s,
+        ),
+        "reward": Reward.options(num_replicas=rw.num_replicas, ray_actor_options={"num_cpus": rw.num_cpus}).bind(
+            plain(cfg.env), timeout_s=rw.timeout_s, max_workers=rw.max_workers,
+            on_error=rw.on_error, error_reward=rw.error_reward,
+        ),
+        "actor": Actor.options(
+            num_replicas=1, ray_actor_options={"num_cpus": tr.num_cpus, "num_gpus": tr.num_gpus}
+        ).bind(
+            model_dir,
+            algorithm=plain(cfg.algorithm),
+            trainer=plain(tr),
+            lora=lora,
+            dtype=cfg.model.dtype,
+            temperature=r.temperature,
+            seed=cfg.seed,
+            store_name=store_name(run_id),
+            namespace=ns,
+        ),
+    }
+    if needs_teacher(cfg, required_fields):
+        apps["teacher"] = Teacher.options(
+            num_replicas=t.num_replicas, ray_actor_options={"num_cpus": t.num_cpus, "num_gpus": t.num_gpus}
+        ).bind({"ref": t.checkpoint or model_dir}, dtype=cfg.model.dtype, torch_threads=t.torch_threads, top_k=t.top_k)
+    names = list(apps)
+    handles = serve.run_many(
+        [serve.RunTarget(target=app, name=f"{n}-{run_id}", route_prefix=None) for n, app in apps.items()]
+    )
+    h = dict(zip(names, handles))
+    return Roles(run_id, h["rollout"], h["reward"], h["actor"], h.get("teacher"), queue, store)

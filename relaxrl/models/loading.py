@@ -1,0 +1,127 @@
+"""Loading models from local directories, and building cached tiny models for tests and CPU runs.
+
+RelaxRL never downloads: every path must be a local directory written by ``save_pretrained``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from relaxrl.models.tiny import build_tiny_model, build_tokenizer
+from relaxrl.models.warm_start import warm_start as run_warm_start
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1  # bump when the tokenizer/model builders change, to invalidate caches
+MARKER = "relaxrl_complete.json"
+WARM_START_DEFAULTS = {"steps": 0, "lr": 3e-3, "batch_size": 32, "seed": 0}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _require_local_dir(path: Union[str, os.PathLike], need_config: bool) -> Path:
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(
+            f"model directory {str(p)!r} does not exist; RelaxRL does not download models: "
+            "pass a local directory written by save_pretrained"
+        )
+    if need_config and not (p / "config.json").is_file():
+        raise FileNotFoundError(
+            f"no config.json in {str(p)!r}; RelaxRL does not download models: "
+            "pass a local directory written by save_pretrained"
+        )
+    return p
+
+
+def load_tokenizer(path: Union[str, os.PathLike]) -> Any:
+    """The tokenizer saved in the local directory ``path``."""
+    return AutoTokenizer.from_pretrained(str(_require_local_dir(path, need_config=False)), local_files_only=True)
+
+
+def load_model(path: Union[str, os.PathLike], dtype: Union[str, torch.dtype] = "float32") -> PreTrainedModel:
+    """The causal LM saved in the local directory ``path``, in ``dtype``, in eval mode."""
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; valid: {list(_DTYPES)}")
+        dtype = _DTYPES[dtype]
+    p = _require_local_dir(path, need_config=True)
+    model = AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype, local_files_only=True)
+    model.eval()
+    return model
+
+
+def cache_key(model_kwargs: dict, warm_start: dict, key_extra: dict) -> str:
+    """A short stable hash of everything that determines the built model directory."""
+    payload = {"format": FORMAT_VERSION, "model": model_kwargs, "warm_start": warm_start, "extra": key_extra}
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def prepare_tiny_model_dir(
+    *,
+    cache_dir: str,
+    model_kwargs: dict,
+    warm_start_pairs_fn: Optional[Callable[[int], list[tuple[str, str]]]],
+    warm_start: dict,
+    key_extra: dict,
+) -> str:
+    """Build (or reuse) a tiny model + tokenizer directory under ``cache_dir``; returns its path.
+
+    The directory name hashes ``model_kwargs``, ``warm_start`` and ``key_extra``; the pairs function
+    is not hashable, so ``key_extra`` must identify what it produces (e.g. the env's config).
+    ``warm_start_pairs_fn(n)`` is asked for ``steps * batch_size`` pairs.
+    """
+    unknown = set(warm_start) - set(WARM_START_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown warm_start key(s) {sorted(unknown)}; valid: {list(WARM_START_DEFAULTS)}")
+    ws = {**WARM_START_DEFAULTS, **warm_start}
+    key = cache_key(model_kwargs, ws, key_extra)
+    root = Path(cache_dir)
+    final = root / key
+    if (final / MARKER).is_file():
+        info = json.loads((final / MARKER).read_text())
+        log.info("reusing tiny model %s (warm-start loss %s)", final, info.get("metrics", {}).get("final_loss"))
+        return str(final)
+
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{key}.tmp-"))
+    try:
+        tokenizer = build_tokenizer()
+        model = build_tiny_model(tokenizer, **model_kwargs)
+        metrics: dict[str, Any] = {}
+        if ws["steps"] > 0 and warm_start_pairs_fn is not None:
+            pairs = warm_start_pairs_fn(ws["steps"] * ws["batch_size"])
+            metrics = run_warm_start(
+                model, tokenizer, pairs, steps=ws["steps"], lr=ws["lr"], batch_size=ws["batch_size"], seed=ws["seed"]
+            )
+        model.eval()
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        marker = {"key": key, "model_kwargs": model_kwargs, "warm_start": ws, "key_extra": key_extra}
+        marker["metrics"] = metrics
+        (tmp / MARKER).write_text(json.dumps(marker, sort_keys=True, indent=1, default=str))
+        if final.exists() and not (final / MARKER).is_file():
+            shutil.rmtree(final, ignore_errors=True)  # left over from an interrupted non-atomic writer
+        try:
+            os.rename(tmp, final)  # atomic: readers see a complete directory or none
+        except OSError:
+            if not (final / MARKER).is_file():
+                raise
+            log.info("tiny model %s was built concurrently by another process; using it", final)
+            shutil.rmtree(tmp, ignore_errors=True)
+            return str(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("built tiny model %s (warm-start loss %s)", final, metrics.get("final_loss"))
+    return str(final)

@@ -1,0 +1,61 @@
+"""What a user watches: a progress bar, a JSONL metrics file per run, and optionally W&B."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+_BAR_KEYS = {"reward_mean": "reward", "staleness_mean": "stale", "samples_per_s": "samp/s"}
+
+
+class Monitor:
+    def __init__(self, cfg: DictConfig, run_dir: str, total_steps: int) -> None:
+        os.makedirs(run_dir, exist_ok=True)
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self._file = open(self.path, "a", buffering=1)
+        self._bar = tqdm(total=total_steps, desc="relaxrl", unit="step", disable=not cfg.logger.progress,
+                         dynamic_ncols=True)
+        self._wandb = self._start_wandb(cfg, run_dir) if cfg.logger.name == "wandb" else None
+
+    @staticmethod
+    def _start_wandb(cfg: DictConfig, run_dir: str) -> Any:
+        import wandb
+
+        lg = cfg.logger
+        return wandb.init(
+            project=lg.project,
+            entity=lg.entity,
+            mode=lg.mode or os.environ.get("WANDB_MODE", "online"),
+            dir=run_dir,
+            tags=list(lg.tags),
+            config=OmegaConf.to_container(cfg, resolve=True),
+        )
+
+    @property
+    def wandb_dir(self) -> Optional[str]:
+        return None if self._wandb is None else self._wandb.dir
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
+        self._file.write(json.dumps({"step": step, **flat}, default=float) + "\n")
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in flat.items() if not isinstance(v, str)}, step=step)
+        self._bar.set_postfix({label: f"{metrics[k]:.3g}" for k, label in _BAR_KEYS.items() if k in metrics})
+        self._bar.update(1)
+
+    def close(self, summary: Optional[dict[str, Any]] = None) -> None:
+        self._bar.close()
+        if summary:
+            self._file.write(json.dumps({"summary": summary}, default=float) + "\n")
+            if self._wandb is not None:
+                self._wandb.summary.update(summary)
+        self._file.close()
+        if self._wandb is not None:
+            self._wandb.finish()

@@ -1,0 +1,260 @@
+"""The staleness-bounded queue between producers (rollout → reward → teacher) and the trainer.
+
+``StalenessQueue`` is the plain, synchronous logic (tested directly); ``QueueActor`` is its async
+twin that runs as a Ray actor (``ray.remote(QueueActor)``) so producers and the trainer can wait on
+it. Neither imports Ray.
+
+Staleness of a sample = version of the weights it is trained on − version that generated it.
+It is bounded in two ways (AReaL-style):
+
+* admission: by trainer version ``v`` at most ``(v + max_staleness + 1) * groups_per_step`` prompt
+  groups are ever admitted (dropped groups give their slot back), so the rollout never generates
+  what would go stale;
+* a late group whose staleness still exceeds ``max_staleness`` when it arrives or when it would be
+  trained is dropped and counted, never trained on.
+
+``max_staleness = 0`` is synchronous on-policy training through the same code path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+from relaxrl.sample import Sample
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Group:
+    seq: int  # admission order
+    samples: dict[int, Sample] = field(default_factory=dict)
+    complete: bool = False
+
+    def min_version(self) -> int:
+        return min(s.policy_version for s in self.samples.values())
+
+
+class QueueError(RuntimeError):
+    """A producer broke the queue's contract (unknown group, duplicate uid, ...)."""
+
+
+class StalenessQueue:
+    def __init__(
+        self,
+        *,
+        groups_per_step: int,
+        group_size: int,
+        max_staleness: int,
+        required_fields: Sequence[str] = (),
+    ) -> None:
+        if groups_per_step < 1 or group_size < 1 or max_staleness < 0:
+            raise ValueError(
+                f"need groups_per_step >= 1, group_size >= 1, max_staleness >= 0; got "
+                f"{groups_per_step}, {group_size}, {max_staleness}"
+            )
+        self.groups_per_step = groups_per_step
+        self.group_size = group_size
+        self.max_staleness = max_staleness
+        self.required_fields = tuple(required_fields)
+        self.version = 0
+        self._groups: "OrderedDict[str, _Group]" = OrderedDict()  # admitted, not yet consumed/dropped
+        self._seen_uids: set[str] = set()
+        self.admitted = 0  # groups
+        self.consumed_groups = 0
+        self.consumed_samples = 0
+        self.dropped_groups = 0
+        self.dropped: Counter[str] = Counter()  # samples by reason
+        self.staleness_hist: Counter[int] = Counter()  # trained samples by staleness
+        self.gen_intervals: list[tuple[float, float]] = []  # busy intervals reported by rollouts
+
+    # --- admission ---------------------------------------------------------------------------
+    def capacity(self) -> int:
+        """Groups that may have been admitted (net of dropped ones) at the current version."""
+        return (self.version + self.max_staleness + 1) * self.groups_per_step
+
+    def can_admit(self) -> bool:
+        return self.admitted - self.dropped_groups < self.capacity()
+
+    def admit(self) -> int:
+        """Admit one new prompt group; returns its sequence number (the group's id is ``g<seq>``)."""
+        if not self.can_admit():
+            raise QueueError(f"capacity {self.capacity()} reached at version {self.version}")
+        seq = self.admitted
+        self._groups[group_name(seq)] = _Group(seq=seq)
+        self.admitted += 1
+        return seq
+
+    # --- producers -----------------------------------------------------------------------------
+    def put(self, samples: Sequence[Sample]) -> None:
+        """Add samples of admitted groups; a group is ready once all its samples are in."""
+        for s in samples:
+            group = self._groups.get(s.group_id)
+            if group is None:
+                raise QueueError(f"sample {s.uid}: group {s.group_id!r} was not admitted or is closed")
+            if s.uid in self._seen_uids or s.index in group.samples:
+                raise QueueError(f"sample {s.uid} was put twice")
+            if not 0 <= s.index < self.group_size:
+                raise QueueError(f"sample {s.uid}: index {s.index} outside group of {self.group_size}")
+            self._seen_uids.add(s.uid)
+            group.samples[s.index] = s
+            if s.timings.get("gen_end"):
+                self._note_interval(s.timings["gen_start"], s.timings["gen_end"])
+        for gid in {s.group_id for s in samples}:
+            self._maybe_complete(gid)
+
+    def abandon(self, group_id: str, reason: str) -> None:
+        """A producer gave up on a group (error, timeout): drop it and count why."""
+        if group_id in self._groups:
+            self._drop(group_id, reason)
+
+    def _maybe_complete(self, gid: str) -> None:
+        group = self._groups[gid]
+        if len(group.samples) < self.group_size:
+            return
+        missing = sorted({f for s in group.samples.values() for f in s.missing(self.required_fields)})
+        if missing:
+            self._drop(gid, "missing_" + "_".join(missing))
+        elif self.version - group.min_version() > self.max_staleness:
+            self._drop(gid, "stale")
+        else:
+            group.complete = True
+
+    def _drop(self, gid: str, reason: str) -> None:
+        group = self._groups.pop(gid)
+        self.dropped_groups += 1
+        # Samples never generated still count: the group was admitted for group_size of them.
+        self.dropped[reason] += self.group_size
+        log.warning("dropped group %s (%s)", gid, reason)
+
+    def _note_interval(self, start: float, end: float) -> None:
+        if not self.gen_intervals or self.gen_intervals[-1] != (start, end):
+            self.gen_intervals.append((start, end))
+
+    # --- trainer ---------------------------------------------------------------------------------
+    def ready_groups(self) -> int:
+        return sum(g.complete for g in self._groups.values())
+
+    def take(self, num_groups: int) -> Optional[list[Sample]]:
+        """Up to-date complete groups for one step, oldest policy version first; None if too few.
+
+        Groups that became too stale while waiting are dropped here, never returned.
+        """
+        for gid in [g for g, grp in self._groups.items() if grp.complete]:
+            if self.version - self._groups[gid].min_version() > self.max_staleness:
+                self._drop(gid, "stale")
+        ready = [(g.min_version(), g.seq, gid) for gid, g in self._groups.items() if g.complete]
+        if len(ready) < num_groups:
+            return None
+        batch: list[Sample] = []
+        for _, _, gid in sorted(ready)[:num_groups]:
+            group = self._groups.pop(gid)
+            for idx in sorted(group.samples):
+                s = group.samples[idx]
+                self.staleness_hist[self.version - s.policy_version] += 1
+                batch.append(s)
+            self.consumed_groups += 1
+        self.consumed_samples += len(batch)
+        return batch
+
+    def set_version(self, version: int) -> None:
+        if version < self.version:
+            raise QueueError(f"version went backwards: {self.version} -> {version}")
+        self.version = version
+
+    # --- metrics -----------------------------------------------------------------------------------
+    def in_flight_groups(self) -> int:
+        return len(self._groups)
+
+    def metrics(self) -> dict:
+        ready = [g for g in self._groups.values() if g.complete]
+        return {
+            "version": self.version,
+            "capacity": self.capacity(),
+            "admitted_groups": self.admitted,
+            "consumed_groups": self.consumed_groups,
+            "consumed_samples": self.consumed_samples,
+            "dropped_groups": self.dropped_groups,
+            "dropped_samples": sum(self.dropped.values()),
+            "dropped_by_reason": dict(self.dropped),
+            "in_flight_groups": self.in_flight_groups(),
+            "ready_groups": len(ready),
+            "size": sum(len(g.samples) for g in ready),
+            "staleness_hist": dict(sorted(self.staleness_hist.items())),
+            "max_staleness_seen": max(self.staleness_hist, default=0),
+        }
+
+    def check_accounting(self) -> None:
+        """admitted == consumed + dropped + in flight, in groups; raises if violated."""
+        total = self.consumed_groups + self.dropped_groups + self.in_flight_groups()
+        if self.admitted != total:
+            raise QueueError(f"accounting broken: admitted {self.admitted} != {total}")
+
+
+def group_name(seq: int) -> str:
+    return f"g{seq}"
+
+
+class QueueActor:
+    """Async wrapper run as a Ray actor: producers wait in ``admit``, the trainer in ``get_batch``."""
+
+    def __init__(self, **kwargs) -> None:
+        self.q = StalenessQueue(**kwargs)
+        self._changed = asyncio.Condition()
+        self._closed = False
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def admit(self) -> Optional[int]:
+        """Wait for capacity; returns the group's sequence number, or None once closed."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: self._closed or self.q.can_admit())
+            return None if self._closed else self.q.admit()
+
+    async def put(self, samples: list[Sample]) -> None:
+        self.q.put(samples)
+        await self._notify()
+
+    async def abandon(self, group_id: str, reason: str) -> None:
+        self.q.abandon(group_id, reason)
+        await self._notify()
+
+    async def get_batch(self, num_groups: int, timeout_s: Optional[float] = None) -> Optional[list[Sample]]:
+        """Wait until ``num_groups`` complete fresh groups are ready; None once closed."""
+        batch: Optional[list[Sample]] = None
+
+        def ready() -> bool:
+            nonlocal batch
+            if self._closed:
+                return True
+            batch = self.q.take(num_groups)
+            return batch is not None
+
+        async with self._changed:
+            await asyncio.wait_for(self._changed.wait_for(ready), timeout_s)
+            # Dropping stale groups in take() frees admission slots: wake the producers.
+            self._changed.notify_all()
+        return batch
+
+    async def set_version(self, version: int) -> None:
+        self.q.set_version(version)
+        await self._notify()
+
+    async def close(self) -> None:
+        self._closed = True
+        await self._notify()
+
+    def metrics(self) -> dict:
+        return self.q.metrics()
+
+    def gen_intervals(self) -> list[tuple[float, float]]:
+        return list(self.q.gen_intervals)
+
+    def check_accounting(self) -> None:
+        self.q.check_accounting()

@@ -1,0 +1,106 @@
+"""Actor role: owns the trainer engine, runs one optimizer step per queue batch, publishes weights."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import Any, Optional
+
+import ray
+from ray import serve
+
+from relaxrl.sample import Sample, collate
+from relaxrl.services.common import quiet_replica_logs, set_threads
+
+
+@serve.deployment(max_ongoing_requests=4)
+class Actor:
+    def __init__(
+        self,
+        model_dir: str,
+        *,
+        algorithm: dict,
+        trainer: dict,
+        lora: Optional[dict] = None,
+        dtype: str = "float32",
+        temperature: float = 1.0,
+        seed: int = 0,
+        store_name: Optional[str] = None,
+        namespace: str = "relaxrl",
+    ) -> None:
+        from relaxrl.algorithms import make_algorithm
+        from relaxrl.engines.torch_trainer import TorchTrainerEngine
+        from relaxrl.models.loading import load_tokenizer
+        from relaxrl.models.lora import LoraConfig
+
+        quiet_replica_logs()
+        set_threads(trainer.get("torch_threads", 1))
+        self.algorithm = make_algorithm(algorithm)
+        self.engine = TorchTrainerEngine.from_pretrained(
+            model_dir,
+            dtype=dtype,
+            lr=trainer["lr"],
+            weight_decay=trainer["weight_decay"],
+            beta1=trainer["beta1"],
+            beta2=trainer["beta2"],
+            max_grad_norm=trainer["max_grad_norm"],
+            warmup_steps=trainer["warmup_steps"],
+            micro_batch_size=trainer["micro_batch_size"],
+            temperature=temperature,
+            lora=LoraConfig(**lora) if lora else None,
+            seed=seed,
+            torch_threads=trainer.get("torch_threads", 1),
+        )
+        self.pad_id = load_tokenizer(model_dir).pad_token_id
+        self.store = ray.get_actor(store_name, namespace=namespace) if store_name else None
+        self.trained_uids: set[str] = set()
+
+    async def train_step(self, batch_ref: list[Any]) -> dict:
+        """One step on the queue batch behind ``batch_ref`` (``[ObjectRef]``: fetched here, so the
+        samples never pass through the driver). Returns metrics; weights are published first."""
+        samples: list[Sample] = await batch_ref[0]
+        if not samples:
+            raise ValueError("train_step got an empty batch")
+        duplicated = [s.uid for s in samples if s.uid in self.trained_uids]
+        if duplicated:
+            raise RuntimeError(f"samples trained twice: {duplicated[:5]}")
+        self.trained_uids.update(s.uid for s in samples)
+        trained_on = self.engine.version
+        start = time.time()
+        batch = self.algorithm.prepare(collate(samples, self.pad_id))
+        metrics = await asyncio.to_thread(self.engine.train_step, batch, self.algorithm.loss)
+        end = time.time()
+        publish_s = await self._publish()
+        rewards = [s.reward for s in samples]
+        staleness = [trained_on - s.policy_version for s in samples]
+        return {
+            **metrics,
+            **{f"algo/{k}": v for k, v in batch.scalars.items()},
+            "version": self.engine.version,
+            "samples": len(samples),
+            "reward_mean": sum(rewards) / len(rewards),
+            "staleness_mean": sum(staleness) / len(staleness),
+            "staleness_max": max(staleness),
+            "response_len_mean": sum(len(s.response_ids) for s in samples) / len(samples),
+            "train_start": start,
+            "train_end": end,
+            "publish_s": publish_s,
+        }
+
+    async def _publish(self) -> float:
+        if self.store is None:
+            return 0.0
+        t0 = time.perf_counter()
+        payload = self.engine.export_weights()
+        ref = ray.put(payload)
+        await self.store.publish.remote(payload.version, [ref], payload.kind, payload.nbytes)
+        return time.perf_counter() - t0
+
+    async def save_checkpoint(self, path: str) -> str:
+        os.makedirs(path, exist_ok=True)
+        await asyncio.to_thread(self.engine.save_checkpoint, path)
+        return path
+
+    def export_weights(self):
+        return self.engine.export_weights()

@@ -1,0 +1,48 @@
+"""Small pieces shared by the role deployments."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Optional
+
+import ray
+
+
+def quiet_replica_logs() -> None:
+    """Serve logs every request at INFO; RL sends thousands. Keep warnings and errors."""
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+
+
+def set_threads(n: Optional[int]) -> None:
+    """Tiny models run faster on one intra-op thread per role; large ones want more."""
+    if n:
+        import torch
+
+        torch.set_num_threads(int(n))
+        os.environ["OMP_NUM_THREADS"] = str(n)
+
+
+class WeightFollower:
+    """Pulls the newest published weights into a generation engine between requests."""
+
+    def __init__(self, engine: Any, store_name: Optional[str], namespace: str) -> None:
+        self.engine = engine
+        self.store = ray.get_actor(store_name, namespace=namespace) if store_name else None
+        self.sync_s = 0.0  # time spent loading weights, for the benchmarks
+        self.loads = 0
+
+    async def sync(self) -> None:
+        if self.store is None:
+            return
+        import time
+
+        newer = await self.store.newer_than.remote(self.engine.version)
+        if newer is None:
+            return
+        t0 = time.perf_counter()
+        _, (ref,) = newer
+        payload = await ref
+        self.engine.load_weights(payload)
+        self.sync_s += time.perf_counter() - t0
+        self.loads += 1

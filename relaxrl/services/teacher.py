@@ -1,0 +1,54 @@
+"""Teacher role: scores the student's tokens under a named checkpoint (reference or teacher)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Optional
+
+from ray import serve
+
+from relaxrl.sample import Sample
+from relaxrl.services.common import quiet_replica_logs, set_threads
+
+_FIELDS = ("ref_logprobs", "teacher_logprobs")
+
+
+@serve.deployment(max_ongoing_requests=64)
+class Teacher:
+    def __init__(self, checkpoints: dict[str, str], *, dtype: str = "float32",
+                 torch_threads: int = 1, top_k: int = 0) -> None:
+        quiet_replica_logs()
+        set_threads(torch_threads)
+        self.paths = dict(checkpoints)
+        self.dtype = dtype
+        self.torch_threads = torch_threads
+        self.top_k = top_k
+        self._engines: dict[str, object] = {}  # loaded lazily, by checkpoint name
+
+    def _engine(self, name: str):
+        if name not in self.paths:
+            raise KeyError(f"teacher checkpoint {name!r} is not registered; known: {sorted(self.paths)}")
+        if name not in self._engines:
+            from relaxrl.engines.hf_generation import HFGenerationEngine
+
+            self._engines[name] = HFGenerationEngine.from_pretrained(
+                self.paths[name], dtype=self.dtype, torch_threads=self.torch_threads
+            )
+        return self._engines[name]
+
+    async def score(self, samples: list[Sample], name: str = "ref", field: str = "ref_logprobs",
+                    top_k: Optional[int] = None) -> list[Sample]:
+        if field not in _FIELDS:
+            raise ValueError(f"teacher field must be one of {_FIELDS}, got {field!r}")
+        k = self.top_k if top_k is None else top_k
+        engine = self._engine(name)
+        seqs = [s.prompt_ids + s.response_ids for s in samples]
+        lens = [len(s.prompt_ids) for s in samples]
+        scored = await asyncio.to_thread(engine.score, seqs, lens, k)
+        out = []
+        for i, s in enumerate(samples):
+            extra = {}
+            if field == "teacher_logprobs" and scored.topk_ids is not None:
+                extra = {"teacher_topk_ids": scored.topk_ids[i], "teacher_topk_logprobs": scored.topk_logprobs[i]}
+            out.append(s.replace(**{field: scored.logprobs[i]}, **extra))
+        return out

@@ -1,0 +1,76 @@
+"""Entry point: ``python -m relaxrl.train +experiment=quickstart [key=value ...]``.
+
+Hydra composes the typed config (relaxrl/config.py + relaxrl/conf/), then the run is:
+Ray up → model directory → role deployments → driver loops → summary line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+import relaxrl.config  # noqa: F401  (registers the schemas with Hydra's ConfigStore)
+
+log = logging.getLogger("relaxrl")
+
+
+def summary_line(s: dict) -> str:
+    return (
+        f"relaxrl summary: steps={s['steps']} wall_s={s['wall_s']:.1f} reward_first={s['reward_first']:.3f} "
+        f"reward_last={s['reward_last']:.3f} max_staleness_seen={s['max_staleness_seen']} dropped={s['dropped']}"
+    )
+
+
+def run_experiment(cfg: DictConfig) -> dict:
+    """Run one experiment end to end and return its summary."""
+    from relaxrl import launch
+    from relaxrl.algorithms import make_algorithm
+    from relaxrl.driver import run
+    from relaxrl.envs.registry import make_env
+    from relaxrl.models.chat import render_prompt_ids
+    from relaxrl.models.loading import load_tokenizer
+    from relaxrl.monitor import Monitor
+
+    run_dir = os.path.abspath(cfg.run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    OmegaConf.save(cfg, os.path.join(run_dir, "resolved_config.yaml"), resolve=True)
+    algorithm = make_algorithm(launch.plain(cfg.algorithm))  # validates the algorithm config early
+    env = make_env(**launch.plain(cfg.env))
+    launch.init_ray(cfg)
+    model_dir = launch.prepare_model_dir(cfg)
+    tokenizer = load_tokenizer(model_dir)
+    log.info("model %s; run dir %s", model_dir, run_dir)
+    roles = launch.start_roles(cfg, model_dir, tuple(algorithm.required_fields))
+    monitor = Monitor(cfg, run_dir, cfg.trainer.steps)
+    summary = None
+    try:
+        result = asyncio.run(run(roles, cfg, env, lambda text: render_prompt_ids(tokenizer, text), monitor))
+        summary = result.summary()
+        summary["run_dir"] = run_dir
+        summary["wandb_dir"] = monitor.wandb_dir
+    finally:
+        monitor.close(summary)
+        roles.shutdown()
+    print(
+        f"relaxrl overlap: gen_busy={summary['gen_busy_frac']:.3f} train_busy={summary['train_busy_frac']:.3f} "
+        f"both_busy={summary['overlap_frac']:.3f} staleness_hist={summary['staleness_hist']} "
+        f"dropped_by_reason={summary['dropped_by_reason']}"
+    )
+    print(summary_line(summary), flush=True)
+    return summary
+
+
+@hydra.main(version_base=None, config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    summary = run_experiment(cfg)
+    return float(summary["reward_last"])  # what a Hydra sweeper optimises
+
+
+if __name__ == "__main__":
+    sys.exit(main() and 0)

@@ -1,0 +1,48 @@
+"""Versioned weight publication from the actor to rollout (and teacher) replicas.
+
+The actor puts each ``WeightPayload`` (full state, or the LoRA adapter only) into the Ray object
+store once and publishes the object reference with its version here; replicas ask for anything
+newer than what they hold between requests and fetch it zero-copy. Only the newest version is
+kept, so old payloads are freed as soon as no replica holds them.
+
+``WeightStore`` is a plain class; the driver runs it as a named Ray actor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+
+@dataclass
+class Published:
+    version: int
+    kind: str
+    nbytes: int
+
+
+class WeightStore:
+    def __init__(self) -> None:
+        self._latest: Optional[Published] = None
+        self._ref: Optional[list[Any]] = None  # [ObjectRef]: wrapped so Ray does not resolve it
+        self.publications = 0
+
+    def publish(self, version: int, ref: list[Any], kind: str, nbytes: int) -> None:
+        if self._latest is not None and version <= self._latest.version:
+            raise ValueError(f"weight version {version} is not newer than {self._latest.version}")
+        self._latest = Published(version, kind, nbytes)
+        self._ref = ref
+        self.publications += 1
+
+    def newer_than(self, version: int) -> Optional[tuple[int, list[Any]]]:
+        """(version, [ref]) of the newest publication if it is newer than ``version``."""
+        if self._latest is None or self._latest.version <= version:
+            return None
+        return self._latest.version, self._ref
+
+    def info(self) -> Optional[Published]:
+        return self._latest
+
+
+def store_name(run_id: str) -> str:
+    return f"relaxrl-weights-{run_id}"
