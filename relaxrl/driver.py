@@ -53,6 +53,7 @@ class RunResult:
     queue: dict = field(default_factory=dict)
     producer_errors: int = 0
     checkpoint: Optional[str] = None
+    published: Any = None  # relaxrl.weights.Published of the last weight version
 
     def summary(self) -> dict:
         first, last = first_last_mean(self.rewards)
@@ -72,6 +73,9 @@ class RunResult:
             "overlap_frac": both / wall,
             "staleness_hist": self.queue.get("staleness_hist", {}),
             "checkpoint": self.checkpoint,
+            "producer_errors": self.producer_errors,
+            "weights_kind": getattr(self.published, "kind", None),
+            "weights_nbytes": getattr(self.published, "nbytes", 0),
         }
 
 
@@ -135,4 +139,6 @@ async def run(roles: Roles, cfg: DictConfig, env: Any, prompt_ids: Any, monitor:
         stats.checkpoint = await roles.actor.save_checkpoint.remote(f"{cfg.run_dir}/checkpoints/final")
     stats.queue = await roles.queue.metrics.remote()
     stats.gen_intervals = await roles.queue.gen_intervals.remote()
+    stats.published = await roles.weights.info.remote()
+    await roles.queue.check_accounting.remote()
     return stats

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -77,12 +78,20 @@ class Roles:
     queue: Any  # ActorHandle of QueueActor
     weights: Any  # ActorHandle of WeightStore
 
+    def app_names(self) -> list[str]:
+        roles = ["rollout", "reward", "actor"] + (["teacher"] if self.teacher is not None else [])
+        return [f"{r}-{self.run_id}" for r in roles]
+
     def shutdown(self) -> None:
-        for name in ("rollout", "reward", "actor", "teacher"):
+        """Delete this run's Serve apps (all at once) and its queue and weight store."""
+        for name in self.app_names():
             try:
-                serve.delete(f"{name}-{self.run_id}")
+                serve.delete(name, _blocking=False)
             except Exception as e:  # best effort: Serve may already be gone
                 log.warning("could not delete Serve app %s: %s", name, e)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and set(self.app_names()) & set(serve.status().applications):
+            time.sleep(0.2)
         for handle in (self.queue, self.weights):
             ray.kill(handle)
 

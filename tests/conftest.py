@@ -1,0 +1,35 @@
+"""Test-wide settings: one intra-op thread, offline hub and W&B, a real local Ray when asked for."""
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray with 2 CPUs, shared by the tests of a session (no mocks)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, namespace="relaxrl-tests", include_dashboard=False, log_to_driver=False)
+    yield ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory):
+    """One tiny-model cache for the session, so each warm start is built once."""
+    return str(tmp_path_factory.mktemp("model-cache"))
