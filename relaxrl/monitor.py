@@ -54,8 +54,8 @@ class Monitor:
         self._bar.close()
         if summary:
             self._file.write(json.dumps({"summary": summary}, default=float) + "\n")
-            if self._wandb is not None:
-                self._wandb.summary.update(summary)
+            if self._wandb is not None:  # W&B summaries take scalars with string keys
+                self._wandb.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float))})
         self._file.close()
         if self._wandb is not None:
             self._wandb.finish()

@@ -54,8 +54,10 @@ def run_experiment(cfg: DictConfig) -> dict:
         summary["run_dir"] = run_dir
         summary["wandb_dir"] = monitor.wandb_dir
     finally:
-        monitor.close(summary)
-        roles.shutdown()
+        try:
+            monitor.close(summary)
+        finally:  # a logger failure must not leave the run's replicas holding the cluster
+            roles.shutdown()
     print(
         f"relaxrl overlap: gen_busy={summary['gen_busy_frac']:.3f} train_busy={summary['train_busy_frac']:.3f} "
         f"both_busy={summary['overlap_frac']:.3f} staleness_hist={summary['staleness_hist']} "
