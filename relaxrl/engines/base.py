@@ -23,7 +23,9 @@ class Generation:
     """One sampled response."""
 
     response_ids: list[int]  # includes the EOS token when the response stopped on it
-    logprobs: list[float]  # log pi(token) under the *sampling* distribution at temperature 1 / top_p 1
+    # log_softmax(logits / temperature) at each sampled token (top-p truncation not reflected; greedy
+    # uses temperature 1). The trainer computes the same quantity with the same temperature.
+    logprobs: list[float]
     finish_reason: str  # "stop" or "length"
 
 
