@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import sys
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -75,4 +74,4 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    sys.exit(main() and 0)
+    main()  # Hydra exits non-zero itself when the run raises

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any, Optional
 
 import ray
@@ -35,8 +36,6 @@ class WeightFollower:
     async def sync(self) -> None:
         if self.store is None:
             return
-        import time
-
         newer = await self.store.newer_than.remote(self.engine.version)
         if newer is None:
             return
