@@ -84,13 +84,14 @@ class Roles:
 
     def shutdown(self) -> None:
         """Delete this run's Serve apps (all at once) and its queue and weight store."""
-        for name in self.app_names():
+        names = self.app_names()
+        for name in names:
             try:
                 serve.delete(name, _blocking=False)
             except Exception as e:  # best effort: Serve may already be gone
                 log.warning("could not delete Serve app %s: %s", name, e)
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and set(self.app_names()) & set(serve.status().applications):
+        while time.monotonic() < deadline and set(names) & set(serve.status().applications):
             time.sleep(0.2)
         for handle in (self.queue, self.weights):
             ray.kill(handle)
