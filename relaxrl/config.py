@@ -24,6 +24,8 @@ class RayConfig:
     namespace: str = "relaxrl"
     host: str = "127.0.0.1"  # bind address of the local Ray dashboard and Serve's HTTP proxy
     include_dashboard: bool = False
+    serve_proxy: str = "Disabled"  # Serve HTTP proxy: Disabled | HeadOnly | EveryNode (no role has a route)
+    http_port: int = 8000
 
 
 @dataclass

@@ -25,7 +25,7 @@ def plain(node: Any) -> Any:
 
 
 def init_ray(cfg: DictConfig) -> None:
-    """Join ``ray.address`` or start a local Ray bound to 127.0.0.1; Serve's proxy binds there too."""
+    """Join ``ray.address`` or start a local Ray bound to 127.0.0.1; Serve's proxy (off by default) too."""
     if not ray.is_initialized():
         # Local runs need no auth token; a cluster keeps whatever its operator configured.
         if cfg.ray.address is None:
@@ -39,7 +39,10 @@ def init_ray(cfg: DictConfig) -> None:
             log_to_driver=True,
             logging_level=logging.WARNING,
         )
-    serve.start(http_options={"host": cfg.ray.host}, logging_config={"log_level": "WARNING"})
+    # Roles talk through handles only; the HTTP proxy is off unless asked for (and then loopback).
+    serve.start(proxy_location=cfg.ray.serve_proxy,
+                http_options={"host": cfg.ray.host, "port": cfg.ray.http_port},
+                logging_config={"log_level": "WARNING"})
 
 
 def prepare_model_dir(cfg: DictConfig) -> str:
