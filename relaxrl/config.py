@@ -14,7 +14,10 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from relaxrl.algorithms.grpo import GRPOConfig
+from relaxrl.algorithms.mopd import MOPDConfig
+from relaxrl.envs.mixture import MixtureEnvConfig
 from relaxrl.models.lora import LoraConfig
+from relaxrl.pipeline.config import PipelineConfig
 
 
 @dataclass
@@ -117,6 +120,9 @@ class TeacherConfig:
     num_gpus: float = 0.0
     torch_threads: int = 1
     top_k: int = 0
+    # {domain: checkpoint dir}: serve one teacher per domain (DomainTeacher); each sample is scored by
+    # its own domain's teacher into teacher_logprobs (MOPD). Pipeline stages fill it from the registry.
+    domains: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -160,6 +166,7 @@ class Config:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)  # stages; empty: a single run
 
 
 def register_configs() -> None:
@@ -168,6 +175,8 @@ def register_configs() -> None:
     cs.store(group="algorithm", name="grpo_schema", node=GRPOConfig)
     cs.store(group="env", name="arithmetic_schema", node=ArithmeticEnvConfig)
     cs.store(group="env", name="dataset_schema", node=DatasetEnvConfig)
+    cs.store(group="algorithm", name="mopd_schema", node=MOPDConfig)
+    cs.store(group="env", name="mixture_schema", node=MixtureEnvConfig)
 
 
 register_configs()

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Awaitable, Callable, Optional
 
 from omegaconf import DictConfig
 
@@ -26,6 +26,10 @@ from relaxrl.queue import group_name
 from relaxrl.services.rollout import GroupRequest
 
 log = logging.getLogger(__name__)
+
+# Awaited with step 0 before training and after every step, while the actor still holds (and has
+# published) that step's weights; returns extra metrics for the step (e.g. periodic evaluation).
+StepHook = Callable[[Roles, int, dict], Awaitable[dict]]
 
 
 class TaskStream:
@@ -91,7 +95,10 @@ async def produce(roles: Roles, tasks: TaskStream, cfg: DictConfig, prompt_ids: 
             # Serve resolves a response passed to another handle without routing data via here.
             samples = roles.reward.score.remote(roles.rollout.generate.remote(request), task)
             if roles.teacher is not None:
-                samples = roles.teacher.score.remote(samples)
+                teacher = roles.teacher
+                if roles.teacher_by_domain:  # Serve multiplexing: to a replica holding this domain's teacher
+                    teacher = teacher.options(multiplexed_model_id=task.domain)
+                samples = teacher.score.remote(samples)
             samples = await samples
             failed = [s.reward_info["error"] for s in samples if s.reward is None]
             if failed:
@@ -104,9 +111,12 @@ async def produce(roles: Roles, tasks: TaskStream, cfg: DictConfig, prompt_ids: 
             await roles.queue.abandon.remote(gid, f"error_{type(e).__name__}")
 
 
-async def train(roles: Roles, cfg: DictConfig, monitor: Monitor, stats: RunResult, t0: float) -> None:
+async def train(roles: Roles, cfg: DictConfig, monitor: Monitor, stats: RunResult, t0: float,
+                on_step: Optional[StepHook] = None) -> None:
     """One optimizer step per batch of ``groups_per_step`` complete, fresh groups."""
     tr = cfg.trainer
+    if on_step is not None:
+        await on_step(roles, 0, {})
     for step in range(1, tr.steps + 1):
         batch_ref = roles.queue.get_batch.remote(cfg.rollout.groups_per_step, tr.get_batch_timeout_s)
         metrics = await roles.actor.train_step.remote([batch_ref])
@@ -117,12 +127,15 @@ async def train(roles: Roles, cfg: DictConfig, monitor: Monitor, stats: RunResul
         elapsed = time.time() - t0
         metrics["samples_per_s"] = step * cfg.rollout.groups_per_step * cfg.rollout.group_size / elapsed
         metrics["wall_s"] = elapsed
+        if on_step is not None:
+            metrics.update(await on_step(roles, step, metrics))
         monitor.log(step, metrics)
         if tr.checkpoint_every and step % tr.checkpoint_every == 0:
             stats.checkpoint = await roles.actor.save_checkpoint.remote(f"{cfg.run_dir}/checkpoints/step_{step}")
 
 
-async def run(roles: Roles, cfg: DictConfig, env: Any, prompt_ids: Any, monitor: Monitor) -> RunResult:
+async def run(roles: Roles, cfg: DictConfig, env: Any, prompt_ids: Any, monitor: Monitor,
+              on_step: Optional[StepHook] = None) -> RunResult:
     stats = RunResult()
     tasks = TaskStream(env, cfg.seed)
     r = cfg.rollout
@@ -130,7 +143,7 @@ async def run(roles: Roles, cfg: DictConfig, env: Any, prompt_ids: Any, monitor:
     t0 = time.time()
     producers = [asyncio.create_task(produce(roles, tasks, cfg, prompt_ids, stats)) for _ in range(inflight)]
     try:
-        await train(roles, cfg, monitor, stats, t0)
+        await train(roles, cfg, monitor, stats, t0, on_step)
     finally:
         stats.wall_s = time.time() - t0
         await roles.queue.close.remote()

@@ -80,6 +80,7 @@ class Roles:
     teacher: Optional[Any]
     queue: Any  # ActorHandle of QueueActor
     weights: Any  # ActorHandle of WeightStore
+    teacher_by_domain: bool = False  # the teacher is a DomainTeacher: route each group by its domain
 
     def app_names(self) -> list[str]:
         roles = ["rollout", "reward", "actor"] + (["teacher"] if self.teacher is not None else [])
@@ -101,7 +102,8 @@ class Roles:
 
 
 def needs_teacher(cfg: DictConfig, required_fields: tuple[str, ...]) -> bool:
-    return bool(cfg.teacher.enabled) or any(f in required_fields for f in ("ref_logprobs", "teacher_logprobs"))
+    return (bool(cfg.teacher.enabled) or bool(cfg.teacher.domains)
+            or any(f in required_fields for f in ("ref_logprobs", "teacher_logprobs")))
 
 
 def start_roles(cfg: DictConfig, model_dir: str, required_fields: tuple[str, ...]) -> Roles:
@@ -159,7 +161,17 @@ def start_roles(cfg: DictConfig, model_dir: str, required_fields: tuple[str, ...
             namespace=ns,
         ),
     }
-    if needs_teacher(cfg, required_fields):
+    if "teacher_logprobs" in required_fields and not t.domains:
+        raise ValueError("the algorithm needs teacher_logprobs: set teacher.domains={domain: checkpoint dir} "
+                         "(a pipeline stage with `teachers` sets it from the checkpoint registry)")
+    if t.domains:
+        from relaxrl.services.domain_teacher import DomainTeacher
+
+        apps["teacher"] = DomainTeacher.options(
+            num_replicas=t.num_replicas, ray_actor_options={"num_cpus": t.num_cpus, "num_gpus": t.num_gpus}
+        ).bind(plain(t.domains), dtype=cfg.model.dtype, torch_threads=t.torch_threads, top_k=t.top_k,
+               temperature=r.temperature)
+    elif needs_teacher(cfg, required_fields):
         apps["teacher"] = Teacher.options(
             num_replicas=t.num_replicas, ray_actor_options={"num_cpus": t.num_cpus, "num_gpus": t.num_gpus}
         ).bind({"ref": t.checkpoint or model_dir}, dtype=cfg.model.dtype, torch_threads=t.torch_threads, top_k=t.top_k)
@@ -168,4 +180,5 @@ def start_roles(cfg: DictConfig, model_dir: str, required_fields: tuple[str, ...
         [serve.RunTarget(target=app, name=f"{n}-{run_id}", route_prefix=None) for n, app in apps.items()]
     )
     h = dict(zip(names, handles))
-    return Roles(run_id, h["rollout"], h["reward"], h["actor"], h.get("teacher"), queue, store)
+    return Roles(run_id, h["rollout"], h["reward"], h["actor"], h.get("teacher"), queue, store,
+                 teacher_by_domain=bool(t.domains))

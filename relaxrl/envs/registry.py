@@ -6,8 +6,9 @@ from typing import Any, Callable
 
 from relaxrl.envs.arithmetic import ArithmeticEnv
 from relaxrl.envs.dataset import DatasetEnv
+from relaxrl.envs.mixture import MixtureEnv
 
-ENVS: dict[str, Callable[..., Any]] = {"arithmetic": ArithmeticEnv, "dataset": DatasetEnv}
+ENVS: dict[str, Callable[..., Any]] = {"arithmetic": ArithmeticEnv, "dataset": DatasetEnv, "mixture": MixtureEnv}
 
 
 def make_env(name: str, **kwargs: Any) -> Any:
