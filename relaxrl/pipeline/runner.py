@@ -94,7 +94,8 @@ def init_checkpoint(stage: DictConfig, index: int, stages: list, base_model: str
     return best["path"]
 
 
-def stage_config(cfg: DictConfig, stage: DictConfig, init: str, registry: CheckpointRegistry, run_dir: str) -> DictConfig:
+def stage_config(cfg: DictConfig, stage: DictConfig, init: str, registry: CheckpointRegistry,
+                 run_dir: str) -> DictConfig:
     """The config of one stage's run: the pipeline's config with the stage's choices applied."""
     from relaxrl.algorithms import make_algorithm
     from relaxrl.envs.registry import make_env
