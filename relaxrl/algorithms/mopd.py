@@ -115,18 +115,20 @@ class MOPD:
         if "loss_normaliser" not in batch.scalars:
             raise ValueError("MOPD.loss needs batch.scalars from prepare(): call prepare() on the whole batch first")
         logprobs = logprobs.float()
-        distill = distill_advantages(batch.teacher_logprobs, logprobs, mask, cfg.adv_clip)
+        raw = distill_advantages(batch.teacher_logprobs, logprobs, mask)
+        distill = raw.clamp(-cfg.adv_clip, cfg.adv_clip) if cfg.adv_clip > 0 else raw
         adv = distill
         if cfg.outcome_weight > 0:
             adv = distill + cfg.outcome_weight * batch.extras["outcome_advantages"]
         weights = truncated_is_weights(logprobs, batch.behaviour_logprobs, mask, cfg.is_low, cfg.is_high)
         per_token = mopd_token_loss(logprobs, adv, weights)
         with torch.no_grad():
-            raw = torch.exp((logprobs - batch.behaviour_logprobs) * mask)
+            ratio = torch.exp((logprobs - batch.behaviour_logprobs) * mask)
             metrics = {
                 # Reverse KL(pi || pi_T) per token, estimated on the samples: E[log pi - log pi_T].
-                "teacher_kl": _masked_mean(-distill, mask),
+                "teacher_kl": _masked_mean(-raw, mask),
+                "adv_clip_frac": _masked_mean((raw.abs() > cfg.adv_clip).float(), mask) if cfg.adv_clip > 0 else 0.0,
                 "is_weight_mean": _masked_mean(weights, mask),
-                "is_clip_frac": _masked_mean(((raw < cfg.is_low) | (raw > cfg.is_high)).float(), mask),
+                "is_clip_frac": _masked_mean(((ratio < cfg.is_low) | (ratio > cfg.is_high)).float(), mask),
             }
         return aggregate(per_token, mask, cfg.loss_agg, batch.scalars["loss_normaliser"]), metrics

@@ -31,7 +31,7 @@ def test_student_recovers_the_domain_teacher_by_distillation():
     teacher = HFGenerationEngine(teacher_model, tok)
     trainer = TorchTrainerEngine(base, lr=1e-3, micro_batch_size=64)
     student = HFGenerationEngine(trainer.model, tok)  # samples with the very weights being trained
-    algo = MOPD(MOPDConfig())
+    algo = MOPD(MOPDConfig(adv_clip=1.0))
     prompt = lambda text: render_prompt_ids(tok, text)  # noqa: E731
     tasks = list(env.tasks("eval", 0))
     teacher_acc = evaluate_tasks(teacher, env, tasks, prompt, max_new_tokens=3)["add"]["accuracy"]
