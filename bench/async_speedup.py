@@ -20,7 +20,6 @@ import argparse
 
 from common import RESULTS_DIR, bench_dir, compose, fmt, run, steady_steps_per_s, window_mean
 
-STALENESS = (0, 1, 2)
 
 
 def overrides(args: argparse.Namespace, staleness: int, latency_s: float, steps: int) -> list[str]:
@@ -87,7 +86,7 @@ def plot(results: dict[int, tuple[dict, list[dict]]], path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--calibration-steps", type=int, default=30)
@@ -95,18 +94,21 @@ def main() -> None:
     p.add_argument("--groups-per-step", type=int, default=8)
     p.add_argument("--latency-ms", type=float, default=None, help="simulated verifier latency; default: calibrated")
     p.add_argument("--async-staleness", type=int, default=1, choices=(1, 2), help="the run reported as 'async'")
+    p.add_argument("--staleness", type=int, nargs="+", default=[0, 1, 2], help="runs; 0 is the baseline")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="a few steps, no plot: checks the bench runs")
     p.add_argument("--plot", default=f"{RESULTS_DIR}/async_speedup.png")
     p.add_argument("override", nargs="*", help="extra Hydra overrides for every run")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.smoke:
-        args.steps, args.calibration_steps, args.plot = 8, 4, None
+        args.steps, args.calibration_steps, args.plot = 4, 3, None
+    if 0 not in args.staleness or args.async_staleness not in args.staleness:
+        p.error(f"--staleness must include 0 and --async-staleness={args.async_staleness}")
 
     latency = args.latency_ms / 1000 if args.latency_ms is not None else calibrate_latency(args)
     print(f"simulated verifier latency: {latency * 1000:.1f} ms per group "
           f"({'given' if args.latency_ms is not None else 'calibrated: gen + reward ~ train + sync'})")
-    results = {s: run(compose(*overrides(args, s, latency, args.steps))) for s in STALENESS}
+    results = {s: run(compose(*overrides(args, s, latency, args.steps))) for s in args.staleness}
 
     stages = sync_stage_times(results[0][0])
     limit = overlap_limit(stages)
@@ -123,8 +125,8 @@ def main() -> None:
     for frac in (0.25, 0.5, 0.75, 1.0):
         end = max(1, int(args.steps * frac))
         print(f"trained_samples={end * per_step}: " + " ".join(
-            f"reward_s{s}={window_mean(rewards[s], end, width):.3f}" for s in STALENESS))
-    final = {s: window_mean(rewards[s], args.steps, width) for s in STALENESS}
+            f"reward_s{s}={window_mean(rewards[s], end, width):.3f}" for s in args.staleness))
+    final = {s: window_mean(rewards[s], args.steps, width) for s in args.staleness}
     print(f"sample_efficiency: final_window={width} steps sync_reward={final[0]:.3f} "
           f"async_reward={final[args.async_staleness]:.3f} diff={final[args.async_staleness] - final[0]:+.3f}")
 

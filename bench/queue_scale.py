@@ -43,6 +43,9 @@ class Producer:
     def __init__(self, queue, tokens: int) -> None:
         self.queue, self.tokens = queue, tokens
 
+    def ready(self) -> bool:
+        return True
+
     async def run(self) -> list[float]:
         """Admit and put groups until the queue closes; returns put latencies (s)."""
         latencies = []
@@ -77,6 +80,7 @@ def measure(producers: int, tokens: int, steps: int) -> dict:
         groups_per_step=GROUPS_PER_STEP, group_size=GROUP, max_staleness=STALENESS,
         required_fields=("response_ids", "behaviour_logprobs", "reward"))
     actors = [Producer.remote(queue, tokens) for _ in range(producers)]
+    ray.get([a.ready.remote() for a in [*actors]])  # worker start-up is not queue throughput
     runs = [a.run.remote() for a in actors]
     wall, get_lat, samples = asyncio.run(consume(queue, steps))
     ray.get(queue.close.remote())
@@ -102,17 +106,18 @@ def bytes_per_queued_sample(tokens: int, groups: int = 64) -> float:
     return sum(s.size_diff for s in after.compare_to(before, "filename")) / (groups * GROUP)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=150, help="consumer steps per measurement")
     p.add_argument("--producers", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--tokens", type=int, nargs="+", default=[64, 1024])
     p.add_argument("--num-cpus", type=int, default=2)
     p.add_argument("--smoke", action="store_true")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.smoke:
-        args.steps, args.producers, args.tokens = 5, [1, 16], [64]
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+        args.steps, args.producers, args.tokens = 5, [1, 4], [64]
+    if not ray.is_initialized():
+        ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     results = {}
     for tokens in args.tokens:
         print(f"tokens={tokens}: {bytes_per_queued_sample(tokens) / 1024:.1f} KiB per queued sample")

@@ -37,20 +37,9 @@ class Actor:
         quiet_replica_logs()
         set_threads(trainer.get("torch_threads", 1))
         self.algorithm = make_algorithm(algorithm)
-        self.engine = TorchTrainerEngine.from_pretrained(
-            model_dir,
-            dtype=dtype,
-            lr=trainer["lr"],
-            weight_decay=trainer["weight_decay"],
-            beta1=trainer["beta1"],
-            beta2=trainer["beta2"],
-            max_grad_norm=trainer["max_grad_norm"],
-            warmup_steps=trainer["warmup_steps"],
-            micro_batch_size=trainer["micro_batch_size"],
-            temperature=temperature,
-            lora=LoraConfig(**lora) if lora else None,
-            seed=seed,
-            torch_threads=trainer.get("torch_threads", 1),
+        self.engine = TorchTrainerEngine.from_trainer_config(
+            model_dir, trainer, dtype=dtype, temperature=temperature,
+            lora=LoraConfig(**lora) if lora else None, seed=seed,
         )
         self.pad_id = load_tokenizer(model_dir).pad_token_id
         self.store = ray.get_actor(store_name, namespace=namespace) if store_name else None
