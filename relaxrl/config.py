@@ -14,6 +14,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from relaxrl.algorithms.grpo import GRPOConfig
+from relaxrl.faults import FaultConfig
 from relaxrl.models.lora import LoraConfig
 
 
@@ -160,6 +161,8 @@ class Config:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    faults: FaultConfig = field(default_factory=FaultConfig)
+    resume: Optional[str] = None  # true: newest checkpoint of run_dir; or a checkpoint / run directory path
 
 
 def register_configs() -> None:
