@@ -117,7 +117,7 @@ def start_roles(cfg: DictConfig, model_dir: str, required_fields: tuple[str, ...
     store = ray.remote(WeightStore).options(name=store_name(run_id), namespace=ns, num_cpus=0).remote()
     queue = (
         ray.remote(QueueActor)
-        .options(num_cpus=0, max_concurrency=1000)
+        .options(name=f"relaxrl-queue-{run_id}", namespace=ns, num_cpus=0, max_concurrency=1000)  # named: watchable
         .remote(
             groups_per_step=cfg.rollout.groups_per_step,
             group_size=cfg.rollout.group_size,

@@ -33,14 +33,14 @@ def train_log(run_dir) -> list[tuple[str, int]]:
 
 
 def app_replicas(role: str) -> list:
-    """Replica actors of this test session's (only) run of ``role``."""
+    """Live replica actors of this test session's (only) run of ``role`` (none while restarting)."""
     import ray
 
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
              if a["name"].startswith(f"SERVE_REPLICA::{role}-")]
     apps = {n.split("::", 1)[1].split("#", 1)[0] for n in names}
-    assert len(apps) == 1, f"expected one live {role} app, found {apps}"
-    return replica_actors(apps.pop())
+    assert len(apps) <= 1, f"expected one {role} app, found {apps}"
+    return replica_actors(apps.pop()) if apps else []
 
 
 def in_thread(fn, *args):
