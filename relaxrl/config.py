@@ -78,8 +78,9 @@ class DatasetEnvConfig:
     answer_field: str = "answer"
     domain_field: Optional[str] = None
     domain: str = "default"
-    verifier: str = "exact"  # exact | numeric | contains
+    verifier: str = "exact"  # exact | numeric | contains | python_tests (runs code in a sandboxed subprocess)
     eval_fraction: float = 0.1
+    on_bad_row: str = "error"  # a malformed row (missing field, wrong type): error naming it | skip (counted, logged)
 
 
 @dataclass

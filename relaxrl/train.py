@@ -35,6 +35,10 @@ def run_experiment(cfg: DictConfig) -> dict:
     from relaxrl.models.loading import load_tokenizer
     from relaxrl.monitor import Monitor
 
+    from relaxrl.config import Config
+    from relaxrl.config_check import check_known_keys
+
+    check_known_keys(cfg, Config)  # a key added with '+' that nothing reads is an error, not a no-op
     run_dir = os.path.abspath(cfg.run_dir)
     os.makedirs(run_dir, exist_ok=True)
     resume = checkpoint.resolve_resume(cfg.resume, run_dir)  # a missing checkpoint fails before Ray starts
