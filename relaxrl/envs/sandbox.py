@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import resource
+import secrets
 import signal
 import subprocess
 import sys
@@ -79,7 +80,11 @@ _FENCE = re.compile(r"```(?:python|py)?\s*\n(.*?)```", re.DOTALL)
 
 def python_tests(response: str, answer: str) -> float:
     """Verifier: 1.0 when the response's code (its first fenced block, or all of it) followed by the
-    task's test code (``answer``, e.g. ``assert f(2) == 4``) runs without error in the sandbox."""
+    task's test code (``answer``, e.g. ``assert f(2) == 4``) runs to the end in the sandbox."""
     match = _FENCE.search(response)
     code = match.group(1) if match else response
-    return float(run_python(code + "\n\n" + answer, timeout_s=5.0, memory_mb=512).ok)
+    # Exit status 0 alone is not a pass: code that calls exit(0) before the tests run would score.
+    # The tests print a fresh nonce last; only a run that gets there passes.
+    nonce = secrets.token_hex(16)
+    result = run_python(f"{code}\n\n{answer}\n\nprint({nonce!r})", timeout_s=5.0, memory_mb=512)
+    return float(result.ok and result.stdout.rstrip().endswith(nonce))

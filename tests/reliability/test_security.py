@@ -73,4 +73,6 @@ def test_code_verifier_scores_in_the_sandbox():
     tests = "assert square(3) == 9\nassert square(-2) == 4"
     assert python_tests("```python\ndef square(x):\n    return x * x\n```", tests) == 1.0
     assert python_tests("def square(x):\n    return x + x", tests) == 0.0
-    assert python_tests("def square(x):\n    raise SystemExit(0)", tests) == 1.0 - 1.0  # exit(0) before tests
+    # Exiting with status 0 before the tests finish is not a pass.
+    assert python_tests("def square(x):\n    raise SystemExit(0)", tests) == 0.0
+    assert python_tests("import os\nos._exit(0)", tests) == 0.0
