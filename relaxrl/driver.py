@@ -22,12 +22,12 @@ from omegaconf import DictConfig
 
 from relaxrl import checkpoint
 from relaxrl.envs.base import Task
-from relaxrl.faults import ReplicaStateLost, await_with_timeout, fault_reason, is_retryable
+from relaxrl.faults import ReplicaStateLost, fault_reason, is_retryable
 from relaxrl.launch import Roles
 from relaxrl.metrics import first_last_mean, overlap_length, total_length
 from relaxrl.monitor import Monitor
 from relaxrl.queue import QueueError, group_name
-from relaxrl.services.rollout import GroupRequest
+from relaxrl.groups import GroupRequest
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +61,8 @@ class RunResult:
     steps: int = 0
     wall_s: float = 0.0
     rewards: list[float] = field(default_factory=list)
-    train_intervals: list[tuple[float, float]] = field(default_factory=list)
-    gen_intervals: list[tuple[float, float]] = field(default_factory=list)
+    # Busy intervals (wall clock) per stage: gen, weights (rollout load), reward, teacher, train, publish.
+    stage_intervals: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
     queue: dict = field(default_factory=dict)
     producer_errors: int = 0
     prompts_rejected: int = 0
@@ -74,9 +74,11 @@ class RunResult:
 
     def summary(self) -> dict:
         first, last = first_last_mean(self.rewards)
-        gen, train = total_length(self.gen_intervals), total_length(self.train_intervals)
-        both = overlap_length(self.gen_intervals, self.train_intervals)
+        gen_iv, train_iv = self.stage_intervals.get("gen", []), self.stage_intervals.get("train", [])
+        gen, train = total_length(gen_iv), total_length(train_iv)
+        both = overlap_length(gen_iv, train_iv)
         wall = max(self.wall_s, 1e-9)
+        steps = max(self.steps, 1)
         return {
             "steps": self.steps,
             "wall_s": self.wall_s,
@@ -88,6 +90,8 @@ class RunResult:
             "gen_busy_frac": gen / wall,
             "train_busy_frac": train / wall,
             "overlap_frac": both / wall,
+            # Seconds each stage was busy per step (union of its intervals), for the benchmarks.
+            "stage_s_per_step": {k: total_length(v) / steps for k, v in sorted(self.stage_intervals.items())},
             "staleness_hist": self.queue.get("staleness_hist", {}),
             "checkpoint": self.checkpoint,
             "producer_errors": self.producer_errors,
@@ -120,29 +124,22 @@ async def produce(roles: Roles, tasks: TaskStream, cfg: DictConfig, prompt_ids: 
                                domain=task.domain, env=cfg.env.name, answer=task.answer,
                                seed=cfg.seed * 1_000_003 + seq)
         try:
-            samples = await run_group(roles, request, task, cfg.faults)
-            failed = [s.reward_info["error"] for s in samples if s.reward is None]
-            if failed:
-                await roles.queue.abandon.remote(gid, failed[0], len(samples), len(samples) - len(failed))
-            else:
-                await roles.queue.put.remote(samples)
+            await run_group(roles, request, task, cfg.faults)
         except Exception as e:  # a failed role call drops the group, counted; never silently
             stats.producer_errors += 1
             log.warning("group %s failed: %s", gid, e)
             await roles.queue.abandon.remote(gid, f"error_{fault_reason(e)}")
 
 
-async def run_group(roles: Roles, request: GroupRequest, task: Task, faults: Any) -> list:
-    """generate → reward → (teacher) for one group. A call lost to a dead or hung replica is sent
-    again (same request and seed; Serve routes it to a live or restarted replica) up to
-    ``faults.max_retries`` times; nothing reached the queue yet, so a retry cannot duplicate."""
+async def run_group(roles: Roles, request: GroupRequest, task: Task, faults: Any) -> None:
+    """generate → reward → (teacher) → queue for one group. A chain lost to a dead or hung replica
+    (or slower than ``faults.role_timeout_s``) is sent again with the same request and seed (Serve
+    routes it to a live or restarted replica) up to ``faults.max_retries`` times. The queue only
+    runs ``put`` once the chain's result exists, so a failed attempt never reaches it and a retry
+    cannot duplicate a sample."""
     for attempt in range(faults.max_retries + 1):
-        # Serve resolves a response passed to another handle without routing data via here.
-        samples = roles.reward.score.remote(roles.rollout.generate.remote(request), task)
-        if roles.teacher is not None:
-            samples = roles.teacher.score.remote(samples)
         try:
-            return await await_with_timeout(samples, faults.role_timeout_s)
+            return await asyncio.wait_for(_chain_to_queue(roles, request, task), faults.role_timeout_s)
         except Exception as e:
             if attempt == faults.max_retries or not is_retryable(e):
                 raise
@@ -150,6 +147,32 @@ async def run_group(roles: Roles, request: GroupRequest, task: Task, faults: Any
             await roles.queue.note_retry.remote(fault_reason(e))
             await asyncio.sleep(min(2.0**attempt, 10.0))  # give Serve time to notice and replace the replica
     raise AssertionError("unreachable")
+
+
+async def _chain_to_queue(roles: Roles, request: GroupRequest, task: Task) -> None:
+    # Serve resolves a response passed to another handle, and Ray an ObjectRef passed to an
+    # actor, so samples go rollout → reward → (teacher) → queue without passing through here.
+    response = roles.reward.score.remote(roles.rollout.generate.remote(request), task)
+    if roles.teacher is not None:
+        response = roles.teacher.score.remote(response)
+    put = None
+    try:
+        put = roles.queue.put.remote(await response._to_object_ref())
+        await put
+    except asyncio.CancelledError:  # timed out: stop the chain, and the put if it has not run yet
+        response.cancel()
+        if put is not None:
+            cancel_quietly(put)
+        raise
+
+
+def cancel_quietly(ref: Any) -> None:
+    import ray
+
+    try:
+        ray.cancel(ref)
+    except Exception as e:  # already finished or gone: nothing to stop
+        log.debug("cancel: %s", e)
 
 
 class TrainerLost(RuntimeError):
@@ -176,7 +199,8 @@ async def train(roles: Roles, cfg: DictConfig, monitor: Monitor, stats: RunResul
         await roles.queue.set_version.remote(version)
         stats.steps = step
         stats.rewards.append(metrics["reward_mean"])
-        stats.train_intervals.append((metrics["train_start"], metrics["train_end"]))
+        for stage in ("train", "publish"):
+            stats.stage_intervals.setdefault(stage, []).append((metrics[f"{stage}_start"], metrics[f"{stage}_end"]))
         log_trained(cfg.run_dir, step, version, metrics.pop("trained"))
         elapsed = time.time() - t0
         metrics["samples_per_s"] = (step - stats.start_step) * cfg.rollout.groups_per_step * cfg.rollout.group_size / elapsed
@@ -240,7 +264,7 @@ async def run(roles: Roles, cfg: DictConfig, env: Any, prompt_ids: Any, monitor:
     if cfg.trainer.save_final:
         stats.checkpoint = await save_checkpoint(roles, cfg, stats, "final")
     stats.queue = await roles.queue.metrics.remote()
-    stats.gen_intervals = await roles.queue.gen_intervals.remote()
+    stats.stage_intervals.update(await roles.queue.stage_intervals.remote())
     stats.published = await roles.weights.info.remote()
     ledger = await roles.actor.ledger.remote()
     await roles.queue.check_accounting.remote(ledger["trained_count"])

@@ -57,21 +57,6 @@ def is_retryable(e: BaseException) -> bool:
     return isinstance(e, RayServeException) and "died" in str(e)
 
 
-async def await_with_timeout(response: Any, timeout_s: float) -> Any:
-    """Await a Serve ``DeploymentResponse``; past ``timeout_s`` cancel it and raise ``TimeoutError``."""
-    try:
-        return await asyncio.wait_for(_resolve(response), timeout_s)
-    except asyncio.TimeoutError:
-        cancel = getattr(response, "cancel", None)
-        if cancel is not None:
-            cancel()
-        raise TimeoutError(f"role call did not answer within {timeout_s}s") from None
-
-
-async def _resolve(response: Any) -> Any:
-    return await response
-
-
 class RequestWatch:
     """Start times of the work a replica is doing, for a health check that catches hangs.
 

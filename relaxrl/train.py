@@ -33,10 +33,9 @@ def run_experiment(cfg: DictConfig) -> dict:
     from relaxrl.envs.registry import make_env
     from relaxrl.models.chat import render_prompt_ids
     from relaxrl.models.loading import load_tokenizer
-    from relaxrl.monitor import Monitor
-
     from relaxrl.config import Config
     from relaxrl.config_check import check_known_keys
+    from relaxrl.monitor import Monitor
 
     check_known_keys(cfg, Config)  # a key added with '+' that nothing reads is an error, not a no-op
     run_dir = os.path.abspath(cfg.run_dir)
@@ -75,7 +74,8 @@ def run_experiment(cfg: DictConfig) -> dict:
     print(
         f"relaxrl overlap: gen_busy={summary['gen_busy_frac']:.3f} train_busy={summary['train_busy_frac']:.3f} "
         f"both_busy={summary['overlap_frac']:.3f} staleness_hist={summary['staleness_hist']} "
-        f"dropped_by_reason={summary['dropped_by_reason']}"
+        f"dropped_by_reason={summary['dropped_by_reason']} "
+        f"stage_ms_per_step={ {k: round(v * 1000, 1) for k, v in summary['stage_s_per_step'].items()} }"
     )
     print(summary_line(summary), flush=True)
     return summary

@@ -38,24 +38,30 @@ class WeightFollower:
         self.loads = 0
         self.failures = 0
 
-    async def sync(self) -> None:
-        """Load newer weights if any. A store that fails or hangs never blocks generation: the
-        replica keeps its weights, whose version each sample records (the queue enforces staleness)."""
+    async def sync(self) -> dict[str, float]:
+        """Load the newest weights if there are newer ones; returns the load's wall-clock
+        interval as ``{"weights_start", "weights_end"}`` timings (empty if nothing was loaded).
+
+        A store that fails or hangs never blocks generation: the replica keeps its weights, whose
+        version each sample records (the queue enforces staleness)."""
         if self.store is None:
-            return
+            return {}
         try:
-            await asyncio.wait_for(self._sync(), self.timeout_s)
+            return await asyncio.wait_for(self._sync(), self.timeout_s)
         except Exception as e:
             self.failures += 1
             log.warning("weight sync failed (keeping version %s): %s: %s", self.engine.version, type(e).__name__, e)
+            return {}
 
-    async def _sync(self) -> None:
+    async def _sync(self) -> dict[str, float]:
         newer = await self.store.newer_than.remote(self.engine.version)
         if newer is None:
-            return
-        t0 = time.perf_counter()
+            return {}
+        start = time.time()
         _, (ref,) = newer
         payload = await ref
         self.engine.load_weights(payload)
-        self.sync_s += time.perf_counter() - t0
+        end = time.time()
+        self.sync_s += end - start
         self.loads += 1
+        return {"weights_start": start, "weights_end": end}
