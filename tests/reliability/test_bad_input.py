@@ -79,6 +79,7 @@ def test_empty_response_scores_zero_or_is_dropped_by_name():
     q.check_accounting()
 
 
+@pytest.mark.ray
 def test_prompt_longer_than_the_context_is_rejected_and_counted(ray_local, caplog):
     queue = ray.remote(QueueActor).options(max_concurrency=100).remote(
         groups_per_step=1, group_size=2, max_staleness=0)
