@@ -103,6 +103,8 @@ def stage_config(cfg: DictConfig, stage: DictConfig, init: str, registry: Checkp
     c = copy.deepcopy(cfg)
     c.run_dir = os.path.join(run_dir, stage.name)
     c.pipeline.stages = []
+    if "resume" in c:  # a stage never resumes a single-run checkpoint; the pipeline resumes by stage
+        c.resume = None
     if stage.overrides is not None:
         c = OmegaConf.merge(c, stage.overrides)  # typed: a misspelled key is an error naming it
     if stage.algorithm is not None:
