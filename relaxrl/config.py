@@ -13,7 +13,9 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from relaxrl.algorithms.extrapolated_opd import ExtrapolatedOPDConfig
 from relaxrl.algorithms.grpo import GRPOConfig
+from relaxrl.envs.json_answer import JsonAnswerEnvConfig
 from relaxrl.models.lora import LoraConfig
 
 
@@ -117,6 +119,10 @@ class TeacherConfig:
     num_gpus: float = 0.0
     torch_threads: int = 1
     top_k: int = 0
+    # Served as "teacher" (fills teacher_logprobs) when the algorithm needs it; "ref" stays the base.
+    # A local model dir, or "tiny": built offline by warm-starting on the env's teacher_pairs.
+    teacher_checkpoint: Optional[str] = None
+    teacher_warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)  # for teacher_checkpoint=tiny
 
 
 @dataclass
@@ -168,6 +174,8 @@ def register_configs() -> None:
     cs.store(group="algorithm", name="grpo_schema", node=GRPOConfig)
     cs.store(group="env", name="arithmetic_schema", node=ArithmeticEnvConfig)
     cs.store(group="env", name="dataset_schema", node=DatasetEnvConfig)
+    cs.store(group="algorithm", name="extrapolated_opd_schema", node=ExtrapolatedOPDConfig)
+    cs.store(group="env", name="json_answer_schema", node=JsonAnswerEnvConfig)
 
 
 register_configs()

@@ -91,7 +91,8 @@ async def produce(roles: Roles, tasks: TaskStream, cfg: DictConfig, prompt_ids: 
             # Serve resolves a response passed to another handle without routing data via here.
             samples = roles.reward.score.remote(roles.rollout.generate.remote(request), task)
             if roles.teacher is not None:
-                samples = roles.teacher.score.remote(samples)
+                for name, fld in roles.teacher_calls:  # ref (base) log-probs, then teacher ones if needed
+                    samples = roles.teacher.score.remote(samples, name=name, field=fld)
             samples = await samples
             failed = [s.reward_info["error"] for s in samples if s.reward is None]
             if failed:

@@ -6,8 +6,10 @@ from typing import Any, Callable
 
 from relaxrl.envs.arithmetic import ArithmeticEnv
 from relaxrl.envs.dataset import DatasetEnv
+from relaxrl.envs.json_answer import JsonAnswerEnv
 
 ENVS: dict[str, Callable[..., Any]] = {"arithmetic": ArithmeticEnv, "dataset": DatasetEnv}
+ENVS["json_answer"] = JsonAnswerEnv
 
 
 def make_env(name: str, **kwargs: Any) -> Any:

@@ -32,12 +32,17 @@ class Reward:
         """Samples with ``reward`` set; a failed verification leaves it None (or error_reward)."""
         return list(await asyncio.gather(*(self._score_one(s, task) for s in samples)))
 
+    def _verify(self, response: str, task: Task) -> tuple[float, dict]:
+        """The reward, and the env's per-response metrics (e.g. parse validity) when it has any."""
+        info = self.env.response_info(response, task) if hasattr(self.env, "response_info") else {}
+        return self.env.verify(response, task), dict(info)
+
     async def _score_one(self, sample: Sample, task: Task) -> Sample:
         loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(self.pool, self.env.verify, sample.response_text, task)
+        fut = loop.run_in_executor(self.pool, self._verify, sample.response_text, task)
         try:
-            reward = float(await asyncio.wait_for(fut, self.timeout_s))
-            return sample.replace(reward=reward)
+            reward, info = await asyncio.wait_for(fut, self.timeout_s)
+            return sample.replace(reward=float(reward), reward_info=info)
         except asyncio.TimeoutError:
             info = {"error": "verifier_timeout"}
         except Exception as e:  # a verifier bug must not take the replica down
