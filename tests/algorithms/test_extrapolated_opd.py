@@ -87,7 +87,7 @@ def test_gradient_moves_toward_the_extrapolated_fixed_point():
     algo = make_algorithm({"name": "extrapolated_opd", "lam": lam})
     z = torch.tensor(math.log(b / (1 - b)), requires_grad=True)  # student logit, starts at the base
     opt = torch.optim.Adam([z], lr=0.05)
-    for _ in range(300):
+    for _ in range(150):
         q = torch.sigmoid(z)
         tok = (torch.rand(256) < q.detach()).long()  # 1 = modal token
         lp = torch.where(tok == 1, torch.log(q), torch.log1p(-q))[None]
@@ -102,7 +102,7 @@ def test_gradient_moves_toward_the_extrapolated_fixed_point():
         loss.backward()
         opt.step()
     target = 1 / (1 + math.exp(-(math.log(b / (1 - b)) + lam * (math.log(p / (1 - p)) - math.log(b / (1 - b))))))
-    assert float(torch.sigmoid(z)) == pytest.approx(target, abs=0.03)
+    assert float(torch.sigmoid(z).detach()) == pytest.approx(target, abs=0.03)
 
 
 def test_config_validation_and_yaml_matches_schema():
