@@ -16,6 +16,7 @@ from omegaconf import MISSING
 from relaxrl.algorithms.extrapolated_opd import ExtrapolatedOPDConfig
 from relaxrl.algorithms.grpo import GRPOConfig
 from relaxrl.envs.json_answer import JsonAnswerEnvConfig
+from relaxrl.faults import FaultConfig
 from relaxrl.models.lora import LoraConfig
 
 
@@ -79,8 +80,9 @@ class DatasetEnvConfig:
     answer_field: str = "answer"
     domain_field: Optional[str] = None
     domain: str = "default"
-    verifier: str = "exact"  # exact | numeric | contains
+    verifier: str = "exact"  # exact | numeric | contains | python_tests (runs code in a sandboxed subprocess)
     eval_fraction: float = 0.1
+    on_bad_row: str = "error"  # a malformed row (missing field, wrong type): error naming it | skip (counted, logged)
 
 
 @dataclass
@@ -167,6 +169,8 @@ class Config:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    faults: FaultConfig = field(default_factory=FaultConfig)
+    resume: Optional[str] = None  # true: newest checkpoint of run_dir; or a checkpoint / run directory path
 
 
 def register_configs() -> None:

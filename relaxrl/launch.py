@@ -117,6 +117,7 @@ class Roles:
     teacher: Optional[Any]
     queue: Any  # ActorHandle of QueueActor
     weights: Any  # ActorHandle of WeightStore
+    model_dir: str = ""  # what the roles loaded (a checkpoint records its architecture)
     teacher_calls: list = field(default_factory=lambda: [("ref", "ref_logprobs")])  # see teacher_calls()
 
     def app_names(self) -> list[str]:
@@ -154,7 +155,7 @@ def start_roles(cfg: DictConfig, model_dir: str, required_fields: tuple[str, ...
     store = ray.remote(WeightStore).options(name=store_name(run_id), namespace=ns, num_cpus=0).remote()
     queue = (
         ray.remote(QueueActor)
-        .options(num_cpus=0, max_concurrency=1000)
+        .options(name=f"relaxrl-queue-{run_id}", namespace=ns, num_cpus=0, max_concurrency=1000)  # named: watchable
         .remote(
             groups_per_step=cfg.rollout.groups_per_step,
             group_size=cfg.rollout.group_size,
@@ -163,11 +164,14 @@ def start_roles(cfg: DictConfig, model_dir: str, required_fields: tuple[str, ...
         )
     )
     lora = plain(cfg.model.lora) if cfg.model.lora.enabled else None
-    r, rw, t, tr = cfg.rollout, cfg.reward, cfg.teacher, cfg.trainer
+    r, rw, t, tr, f = cfg.rollout, cfg.reward, cfg.teacher, cfg.trainer, cfg.faults
+    # Serve restarts a replica whose check_health fails: a dead one, or one hung past hang_timeout_s.
+    health = {"health_check_period_s": f.health_check_period_s, "health_check_timeout_s": f.health_check_timeout_s}
     apps = {
         "rollout": Rollout.options(
             num_replicas=r.num_replicas,
             ray_actor_options={"num_cpus": r.num_cpus, "num_gpus": r.num_gpus},
+            **health,
         ).bind(
             model_dir,
             sampling={"temperature": r.temperature, "top_p": r.top_p, "max_new_tokens": r.max_new_tokens},
@@ -178,13 +182,18 @@ def start_roles(cfg: DictConfig, model_dir: str, required_fields: tuple[str, ...
             namespace=ns,
             batch_max_groups=r.batch_max_groups,
             batch_wait_s=r.batch_wait_s,
+            hang_timeout_s=f.hang_timeout_s,
+            sync_timeout_s=f.sync_timeout_s,
         ),
-        "reward": Reward.options(num_replicas=rw.num_replicas, ray_actor_options={"num_cpus": rw.num_cpus}).bind(
+        "reward": Reward.options(
+            num_replicas=rw.num_replicas, ray_actor_options={"num_cpus": rw.num_cpus}, **health
+        ).bind(
             plain(cfg.env), timeout_s=rw.timeout_s, max_workers=rw.max_workers,
             on_error=rw.on_error, error_reward=rw.error_reward, simulated_latency_s=rw.simulated_latency_s,
+            hang_timeout_s=f.hang_timeout_s,
         ),
         "actor": Actor.options(
-            num_replicas=1, ray_actor_options={"num_cpus": tr.num_cpus, "num_gpus": tr.num_gpus}
+            num_replicas=1, ray_actor_options={"num_cpus": tr.num_cpus, "num_gpus": tr.num_gpus}, **health
         ).bind(
             model_dir,
             algorithm=plain(cfg.algorithm),
@@ -195,6 +204,8 @@ def start_roles(cfg: DictConfig, model_dir: str, required_fields: tuple[str, ...
             seed=cfg.seed,
             store_name=store_name(run_id),
             namespace=ns,
+            hang_timeout_s=f.hang_timeout_s,
+            publish_timeout_s=f.publish_timeout_s,
         ),
     }
     calls = teacher_calls(cfg, required_fields) if needs_teacher(cfg, required_fields) else []
@@ -203,11 +214,14 @@ def start_roles(cfg: DictConfig, model_dir: str, required_fields: tuple[str, ...
         if ("teacher", "teacher_logprobs") in calls:
             checkpoints["teacher"] = prepare_teacher_dir(cfg)
         apps["teacher"] = Teacher.options(
-            num_replicas=t.num_replicas, ray_actor_options={"num_cpus": t.num_cpus, "num_gpus": t.num_gpus}
-        ).bind(checkpoints, dtype=cfg.model.dtype, torch_threads=t.torch_threads, top_k=t.top_k)
+            num_replicas=t.num_replicas, ray_actor_options={"num_cpus": t.num_cpus, "num_gpus": t.num_gpus},
+            **health,
+        ).bind(checkpoints, dtype=cfg.model.dtype, torch_threads=t.torch_threads, top_k=t.top_k,
+               hang_timeout_s=f.hang_timeout_s)
     names = list(apps)
     handles = serve.run_many(
         [serve.RunTarget(target=app, name=f"{n}-{run_id}", route_prefix=None) for n, app in apps.items()]
     )
     h = dict(zip(names, handles))
-    return Roles(run_id, h["rollout"], h["reward"], h["actor"], h.get("teacher"), queue, store, calls)
+    return Roles(run_id, h["rollout"], h["reward"], h["actor"], h.get("teacher"), queue, store, model_dir,
+                 teacher_calls=calls)
