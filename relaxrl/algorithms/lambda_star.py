@@ -1,6 +1,6 @@
 r"""The λ* clip-safety threshold of extrapolated on-policy distillation, its online estimate, the schedule.
 
-Model (docs/lambda_star.md, derived in /shared/LAMBDA_STAR.md): at a structural position the
+Model (docs/lambda_star.md): at a structural position the
 teacher puts probability ``p`` on the modal token (the one the output format requires), the base
 (warm-start) policy ``b``. The extrapolated fixed point ``pi* ∝ pi_B^(1-λ) pi_T^λ`` puts
 
