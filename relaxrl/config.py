@@ -13,8 +13,10 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from relaxrl.algorithms.extrapolated_opd import ExtrapolatedOPDConfig
 from relaxrl.algorithms.grpo import GRPOConfig
 from relaxrl.algorithms.mopd import MOPDConfig
+from relaxrl.envs.json_answer import JsonAnswerEnvConfig
 from relaxrl.envs.mixture import MixtureEnvConfig
 from relaxrl.faults import FaultConfig
 from relaxrl.models.lora import LoraConfig
@@ -126,6 +128,10 @@ class TeacherConfig:
     # {domain: checkpoint dir}: serve one teacher per domain (DomainTeacher); each sample is scored by
     # its own domain's teacher into teacher_logprobs (MOPD). Pipeline stages fill it from the registry.
     domains: dict[str, str] = field(default_factory=dict)
+    # Served as "teacher" (fills teacher_logprobs) when the algorithm needs it; "ref" stays the base.
+    # A local model dir, or "tiny": built offline by warm-starting on the env's teacher_pairs.
+    teacher_checkpoint: Optional[str] = None
+    teacher_warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)  # for teacher_checkpoint=tiny
 
 
 @dataclass
@@ -182,6 +188,8 @@ def register_configs() -> None:
     cs.store(group="env", name="dataset_schema", node=DatasetEnvConfig)
     cs.store(group="algorithm", name="mopd_schema", node=MOPDConfig)
     cs.store(group="env", name="mixture_schema", node=MixtureEnvConfig)
+    cs.store(group="algorithm", name="extrapolated_opd_schema", node=ExtrapolatedOPDConfig)
+    cs.store(group="env", name="json_answer_schema", node=JsonAnswerEnvConfig)
 
 
 register_configs()

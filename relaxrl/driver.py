@@ -158,10 +158,10 @@ async def _chain_to_queue(roles: Roles, request: GroupRequest, task: Task) -> No
     # actor, so samples go rollout → reward → (teacher) → queue without passing through here.
     response = roles.reward.score.remote(roles.rollout.generate.remote(request), task)
     if roles.teacher is not None:
-        teacher = roles.teacher
         if roles.teacher_by_domain:  # Serve multiplexing: to a replica holding this domain's teacher
-            teacher = teacher.options(multiplexed_model_id=request.domain)
-        response = teacher.score.remote(response)
+            response = roles.teacher.options(multiplexed_model_id=request.domain).score.remote(response)
+        for name, fld in roles.teacher_calls:  # ref (base) log-probs, then teacher ones if needed
+            response = roles.teacher.score.remote(response, name=name, field=fld)
     put = None
     try:
         put = roles.queue.put.remote(await response._to_object_ref())

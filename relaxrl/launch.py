@@ -6,7 +6,7 @@ import logging
 import os
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import ray
@@ -71,6 +71,44 @@ def prepare_model_dir(cfg: DictConfig) -> str:
     )
 
 
+def prepare_teacher_dir(cfg: DictConfig) -> Optional[str]:
+    """The "teacher" checkpoint's directory: None, a local dir, or "tiny" (built from env.teacher_pairs)."""
+    t = cfg.teacher
+    if not t.teacher_checkpoint:
+        return None
+    if t.teacher_checkpoint != "tiny":
+        from relaxrl.models.loading import load_tokenizer
+
+        load_tokenizer(t.teacher_checkpoint)  # fails early and clearly if the directory is wrong
+        return os.path.abspath(os.path.expanduser(t.teacher_checkpoint))
+    from relaxrl.envs.registry import make_env
+    from relaxrl.models.loading import prepare_tiny_model_dir
+
+    env = make_env(**plain(cfg.env))
+    if not hasattr(env, "teacher_pairs"):
+        raise ValueError(f"teacher.teacher_checkpoint=tiny needs an env with teacher_pairs; {cfg.env.name!r} has none")
+    ws = plain(t.teacher_warm_start)
+    return prepare_tiny_model_dir(
+        cache_dir=os.path.expanduser(cfg.model.cache_dir),
+        model_kwargs=plain(cfg.model.tiny),
+        warm_start_pairs_fn=lambda n: env.teacher_pairs(n, seed=ws["seed"]),
+        warm_start=ws,
+        key_extra={"env": plain(cfg.env), "role": "teacher"},
+    )
+
+
+def teacher_calls(cfg: DictConfig, required_fields: tuple[str, ...]) -> list[tuple[str, str]]:
+    """(checkpoint name, sample field) pairs the teacher role fills for each group, in order."""
+    calls = [("ref", "ref_logprobs")]
+    if "teacher_logprobs" in required_fields:
+        if not cfg.teacher.teacher_checkpoint:
+            raise ValueError("the algorithm needs teacher_logprobs: set teacher.teacher_checkpoint (a local model "
+                             "dir, or tiny), or teacher.domains={domain: checkpoint dir} for per-domain teachers "
+                             "(a pipeline stage with `teachers` sets it from the checkpoint registry)")
+        calls.append(("teacher", "teacher_logprobs"))
+    return calls
+
+
 @dataclass
 class Roles:
     run_id: str
@@ -82,6 +120,7 @@ class Roles:
     weights: Any  # ActorHandle of WeightStore
     model_dir: str = ""  # what the roles loaded (a checkpoint records its architecture)
     teacher_by_domain: bool = False  # the teacher is a DomainTeacher: route each group by its domain
+    teacher_calls: list = field(default_factory=lambda: [("ref", "ref_logprobs")])  # see teacher_calls()
 
     def app_names(self) -> list[str]:
         roles = ["rollout", "reward", "actor"] + (["teacher"] if self.teacher is not None else [])
@@ -172,9 +211,7 @@ def start_roles(cfg: DictConfig, model_dir: str, required_fields: tuple[str, ...
             publish_timeout_s=f.publish_timeout_s,
         ),
     }
-    if "teacher_logprobs" in required_fields and not t.domains:
-        raise ValueError("the algorithm needs teacher_logprobs: set teacher.domains={domain: checkpoint dir} "
-                         "(a pipeline stage with `teachers` sets it from the checkpoint registry)")
+    calls: list[tuple[str, str]] = []
     if t.domains:
         from relaxrl.services.domain_teacher import DomainTeacher
 
@@ -184,10 +221,14 @@ def start_roles(cfg: DictConfig, model_dir: str, required_fields: tuple[str, ...
         ).bind(plain(t.domains), dtype=cfg.model.dtype, torch_threads=t.torch_threads, top_k=t.top_k,
                temperature=r.temperature)
     elif needs_teacher(cfg, required_fields):
+        calls = teacher_calls(cfg, required_fields)
+        checkpoints = {"ref": t.checkpoint or model_dir}
+        if ("teacher", "teacher_logprobs") in calls:
+            checkpoints["teacher"] = prepare_teacher_dir(cfg)
         apps["teacher"] = Teacher.options(
             num_replicas=t.num_replicas, ray_actor_options={"num_cpus": t.num_cpus, "num_gpus": t.num_gpus},
             **health,
-        ).bind({"ref": t.checkpoint or model_dir}, dtype=cfg.model.dtype, torch_threads=t.torch_threads, top_k=t.top_k,
+        ).bind(checkpoints, dtype=cfg.model.dtype, torch_threads=t.torch_threads, top_k=t.top_k,
                hang_timeout_s=f.hang_timeout_s)
     names = list(apps)
     handles = serve.run_many(
@@ -195,4 +236,4 @@ def start_roles(cfg: DictConfig, model_dir: str, required_fields: tuple[str, ...
     )
     h = dict(zip(names, handles))
     return Roles(run_id, h["rollout"], h["reward"], h["actor"], h.get("teacher"), queue, store, model_dir,
-                 teacher_by_domain=bool(t.domains))
+                 teacher_by_domain=bool(t.domains), teacher_calls=calls)

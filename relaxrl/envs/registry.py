@@ -6,9 +6,12 @@ from typing import Any, Callable
 
 from relaxrl.envs.arithmetic import ArithmeticEnv
 from relaxrl.envs.dataset import DatasetEnv
+from relaxrl.envs.json_answer import JsonAnswerEnv
 from relaxrl.envs.mixture import MixtureEnv
 
-ENVS: dict[str, Callable[..., Any]] = {"arithmetic": ArithmeticEnv, "dataset": DatasetEnv, "mixture": MixtureEnv}
+ENVS: dict[str, Callable[..., Any]] = {
+    "arithmetic": ArithmeticEnv, "dataset": DatasetEnv, "mixture": MixtureEnv, "json_answer": JsonAnswerEnv,
+}
 
 
 def make_env(name: str, **kwargs: Any) -> Any:

@@ -12,6 +12,7 @@ from typing import Any, Optional
 import ray
 from ray import serve
 
+from relaxrl.metrics import info_means
 from relaxrl.sample import Sample, collate
 from relaxrl.services.common import quiet_replica_logs, set_threads
 
@@ -91,6 +92,7 @@ class Actor:
             "staleness_mean": sum(staleness) / len(staleness),
             "staleness_max": max(staleness),
             "response_len_mean": sum(len(s.response_ids) for s in samples) / len(samples),
+            **info_means([s.reward_info for s in samples]),
             "train_start": start,
             "train_end": end,
             "publish_start": publish_start,

@@ -36,6 +36,9 @@ class Reward:
             # I/O-bound, so it costs wall time but no CPU. Used by the benchmarks, named there.
             await asyncio.sleep(self.simulated_latency_s)
         scored = await self.guard.score(samples, task)
+        if hasattr(self.env, "response_info"):  # the env's per-response metrics, e.g. parse validity
+            scored = [s.replace(reward_info={**self.env.response_info(s.response_text, task), **s.reward_info})
+                      for s in scored]
         end = time.time()
         return [s.replace(timings={**s.timings, "reward_start": start, "reward_end": end}) for s in scored]
 
