@@ -15,9 +15,12 @@ from omegaconf import MISSING
 
 from relaxrl.algorithms.extrapolated_opd import ExtrapolatedOPDConfig
 from relaxrl.algorithms.grpo import GRPOConfig
+from relaxrl.algorithms.mopd import MOPDConfig
 from relaxrl.envs.json_answer import JsonAnswerEnvConfig
+from relaxrl.envs.mixture import MixtureEnvConfig
 from relaxrl.faults import FaultConfig
 from relaxrl.models.lora import LoraConfig
+from relaxrl.pipeline.config import PipelineConfig
 
 
 @dataclass
@@ -122,6 +125,9 @@ class TeacherConfig:
     num_gpus: float = 0.0
     torch_threads: int = 1
     top_k: int = 0
+    # {domain: checkpoint dir}: serve one teacher per domain (DomainTeacher); each sample is scored by
+    # its own domain's teacher into teacher_logprobs (MOPD). Pipeline stages fill it from the registry.
+    domains: dict[str, str] = field(default_factory=dict)
     # Served as "teacher" (fills teacher_logprobs) when the algorithm needs it; "ref" stays the base.
     # A local model dir, or "tiny": built offline by warm-starting on the env's teacher_pairs.
     teacher_checkpoint: Optional[str] = None
@@ -169,6 +175,7 @@ class Config:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)  # stages; empty: a single run
     faults: FaultConfig = field(default_factory=FaultConfig)
     resume: Optional[str] = None  # true: newest checkpoint of run_dir; or a checkpoint / run directory path
 
@@ -179,6 +186,8 @@ def register_configs() -> None:
     cs.store(group="algorithm", name="grpo_schema", node=GRPOConfig)
     cs.store(group="env", name="arithmetic_schema", node=ArithmeticEnvConfig)
     cs.store(group="env", name="dataset_schema", node=DatasetEnvConfig)
+    cs.store(group="algorithm", name="mopd_schema", node=MOPDConfig)
+    cs.store(group="env", name="mixture_schema", node=MixtureEnvConfig)
     cs.store(group="algorithm", name="extrapolated_opd_schema", node=ExtrapolatedOPDConfig)
     cs.store(group="env", name="json_answer_schema", node=JsonAnswerEnvConfig)
 

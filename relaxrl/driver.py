@@ -16,7 +16,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Awaitable, Callable, Optional
 
 from omegaconf import DictConfig
 
@@ -30,6 +30,10 @@ from relaxrl.queue import QueueError, group_name
 from relaxrl.groups import GroupRequest
 
 log = logging.getLogger(__name__)
+
+# Awaited with step 0 before training and after every step, while the actor still holds (and has
+# published) that step's weights; returns extra metrics for the step (e.g. periodic evaluation).
+StepHook = Callable[[Roles, int, dict], Awaitable[dict]]
 
 
 class TaskStream:
@@ -154,6 +158,8 @@ async def _chain_to_queue(roles: Roles, request: GroupRequest, task: Task) -> No
     # actor, so samples go rollout → reward → (teacher) → queue without passing through here.
     response = roles.reward.score.remote(roles.rollout.generate.remote(request), task)
     if roles.teacher is not None:
+        if roles.teacher_by_domain:  # Serve multiplexing: to a replica holding this domain's teacher
+            response = roles.teacher.options(multiplexed_model_id=request.domain).score.remote(response)
         for name, fld in roles.teacher_calls:  # ref (base) log-probs, then teacher ones if needed
             response = roles.teacher.score.remote(response, name=name, field=fld)
     put = None
@@ -180,9 +186,12 @@ class TrainerLost(RuntimeError):
     """The trainer replica failed or came back without its state: resume from a checkpoint."""
 
 
-async def train(roles: Roles, cfg: DictConfig, monitor: Monitor, stats: RunResult, t0: float) -> None:
+async def train(roles: Roles, cfg: DictConfig, monitor: Monitor, stats: RunResult, t0: float,
+                on_step: Optional[StepHook] = None) -> None:
     """One optimizer step per batch of ``groups_per_step`` complete, fresh groups."""
     tr = cfg.trainer
+    if on_step is not None and stats.start_step == 0:
+        await on_step(roles, 0, {})
     version = stats.start_version
     for step in range(stats.start_step + 1, tr.steps + 1):
         batch_ref = roles.queue.get_batch.remote(cfg.rollout.groups_per_step, tr.get_batch_timeout_s)
@@ -206,6 +215,8 @@ async def train(roles: Roles, cfg: DictConfig, monitor: Monitor, stats: RunResul
         elapsed = time.time() - t0
         metrics["samples_per_s"] = (step - stats.start_step) * cfg.rollout.groups_per_step * cfg.rollout.group_size / elapsed
         metrics["wall_s"] = elapsed
+        if on_step is not None:
+            metrics.update(await on_step(roles, step, metrics))
         monitor.log(step, metrics)
         if tr.checkpoint_every and step % tr.checkpoint_every == 0:
             stats.checkpoint = await save_checkpoint(roles, cfg, stats, f"step_{step}")
@@ -248,7 +259,8 @@ async def restore(roles: Roles, cfg: DictConfig, env: Any, path: str, stats: Run
 
 
 async def run(roles: Roles, cfg: DictConfig, env: Any, prompt_ids: Any, monitor: Monitor, *,
-              resume: Optional[str] = None, max_prompt_tokens: Optional[int] = None) -> RunResult:
+              resume: Optional[str] = None, max_prompt_tokens: Optional[int] = None,
+              on_step: Optional[StepHook] = None) -> RunResult:
     stats = RunResult()
     tasks = await restore(roles, cfg, env, resume, stats) if resume else TaskStream(env, cfg.seed)
     r = cfg.rollout
@@ -257,7 +269,7 @@ async def run(roles: Roles, cfg: DictConfig, env: Any, prompt_ids: Any, monitor:
     producers = [asyncio.create_task(produce(roles, tasks, cfg, prompt_ids, stats, max_prompt_tokens))
                  for _ in range(inflight)]
     try:
-        await train(roles, cfg, monitor, stats, t0)
+        await train(roles, cfg, monitor, stats, t0, on_step)
     finally:
         stats.wall_s = time.time() - t0
         await roles.queue.close.remote()

@@ -102,8 +102,9 @@ def teacher_calls(cfg: DictConfig, required_fields: tuple[str, ...]) -> list[tup
     calls = [("ref", "ref_logprobs")]
     if "teacher_logprobs" in required_fields:
         if not cfg.teacher.teacher_checkpoint:
-            raise ValueError("the algorithm needs teacher_logprobs: set teacher.teacher_checkpoint "
-                             "(a local model dir, or tiny)")
+            raise ValueError("the algorithm needs teacher_logprobs: set teacher.teacher_checkpoint (a local model "
+                             "dir, or tiny), or teacher.domains={domain: checkpoint dir} for per-domain teachers "
+                             "(a pipeline stage with `teachers` sets it from the checkpoint registry)")
         calls.append(("teacher", "teacher_logprobs"))
     return calls
 
@@ -118,6 +119,7 @@ class Roles:
     queue: Any  # ActorHandle of QueueActor
     weights: Any  # ActorHandle of WeightStore
     model_dir: str = ""  # what the roles loaded (a checkpoint records its architecture)
+    teacher_by_domain: bool = False  # the teacher is a DomainTeacher: route each group by its domain
     teacher_calls: list = field(default_factory=lambda: [("ref", "ref_logprobs")])  # see teacher_calls()
 
     def app_names(self) -> list[str]:
@@ -140,7 +142,8 @@ class Roles:
 
 
 def needs_teacher(cfg: DictConfig, required_fields: tuple[str, ...]) -> bool:
-    return bool(cfg.teacher.enabled) or any(f in required_fields for f in ("ref_logprobs", "teacher_logprobs"))
+    return (bool(cfg.teacher.enabled) or bool(cfg.teacher.domains)
+            or any(f in required_fields for f in ("ref_logprobs", "teacher_logprobs")))
 
 
 def start_roles(cfg: DictConfig, model_dir: str, required_fields: tuple[str, ...]) -> Roles:
@@ -208,8 +211,17 @@ def start_roles(cfg: DictConfig, model_dir: str, required_fields: tuple[str, ...
             publish_timeout_s=f.publish_timeout_s,
         ),
     }
-    calls = teacher_calls(cfg, required_fields) if needs_teacher(cfg, required_fields) else []
-    if calls:
+    calls: list[tuple[str, str]] = []
+    if t.domains:
+        from relaxrl.services.domain_teacher import DomainTeacher
+
+        apps["teacher"] = DomainTeacher.options(
+            num_replicas=t.num_replicas, ray_actor_options={"num_cpus": t.num_cpus, "num_gpus": t.num_gpus},
+            **health,
+        ).bind(plain(t.domains), dtype=cfg.model.dtype, torch_threads=t.torch_threads, top_k=t.top_k,
+               temperature=r.temperature)
+    elif needs_teacher(cfg, required_fields):
+        calls = teacher_calls(cfg, required_fields)
         checkpoints = {"ref": t.checkpoint or model_dir}
         if ("teacher", "teacher_logprobs") in calls:
             checkpoints["teacher"] = prepare_teacher_dir(cfg)
@@ -224,4 +236,4 @@ def start_roles(cfg: DictConfig, model_dir: str, required_fields: tuple[str, ...
     )
     h = dict(zip(names, handles))
     return Roles(run_id, h["rollout"], h["reward"], h["actor"], h.get("teacher"), queue, store, model_dir,
-                 teacher_calls=calls)
+                 teacher_by_domain=bool(t.domains), teacher_calls=calls)

@@ -25,8 +25,8 @@ def summary_line(s: dict) -> str:
     )
 
 
-def run_experiment(cfg: DictConfig) -> dict:
-    """Run one experiment end to end and return its summary."""
+def run_experiment(cfg: DictConfig, on_step=None) -> dict:
+    """Run one experiment end to end and return its summary (``on_step``: see ``driver.StepHook``)."""
     from relaxrl import checkpoint, launch
     from relaxrl.algorithms import make_algorithm
     from relaxrl.driver import run
@@ -62,7 +62,7 @@ def run_experiment(cfg: DictConfig) -> dict:
     summary = None
     try:
         result = asyncio.run(run(roles, cfg, env, lambda text: render_prompt_ids(tokenizer, text), monitor,
-                                 resume=resume, max_prompt_tokens=max_prompt_tokens))
+                                 resume=resume, max_prompt_tokens=max_prompt_tokens, on_step=on_step))
         summary = result.summary()
         summary["run_dir"] = run_dir
         summary["wandb_dir"] = monitor.wandb_dir
@@ -84,6 +84,10 @@ def run_experiment(cfg: DictConfig) -> dict:
 @hydra.main(version_base=None, config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if cfg.pipeline.stages:  # a stage pipeline (e.g. +experiment=mopd_toy): stages run in order
+        from relaxrl.pipeline.runner import run_pipeline
+
+        return float(run_pipeline(cfg)["final_score"])
     summary = run_experiment(cfg)
     return float(summary["reward_last"])  # what a Hydra sweeper optimises
 

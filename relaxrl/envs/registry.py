@@ -7,9 +7,11 @@ from typing import Any, Callable
 from relaxrl.envs.arithmetic import ArithmeticEnv
 from relaxrl.envs.dataset import DatasetEnv
 from relaxrl.envs.json_answer import JsonAnswerEnv
+from relaxrl.envs.mixture import MixtureEnv
 
-ENVS: dict[str, Callable[..., Any]] = {"arithmetic": ArithmeticEnv, "dataset": DatasetEnv}
-ENVS["json_answer"] = JsonAnswerEnv
+ENVS: dict[str, Callable[..., Any]] = {
+    "arithmetic": ArithmeticEnv, "dataset": DatasetEnv, "mixture": MixtureEnv, "json_answer": JsonAnswerEnv,
+}
 
 
 def make_env(name: str, **kwargs: Any) -> Any:
