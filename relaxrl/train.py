@@ -35,6 +35,10 @@ def run_experiment(cfg: DictConfig) -> dict:
     from relaxrl.models.loading import load_tokenizer
     from relaxrl.monitor import Monitor
 
+    if cfg.algorithm.name == "dagger":  # multi-turn episodes: their own loop (relaxrl/episodic/)
+        from relaxrl.episodic.driver import run_episodic_experiment
+
+        return run_episodic_experiment(cfg)
     run_dir = os.path.abspath(cfg.run_dir)
     os.makedirs(run_dir, exist_ok=True)
     OmegaConf.save(cfg, os.path.join(run_dir, "resolved_config.yaml"), resolve=True)
@@ -70,7 +74,7 @@ def run_experiment(cfg: DictConfig) -> dict:
 def main(cfg: DictConfig) -> float:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     summary = run_experiment(cfg)
-    return float(summary["reward_last"])  # what a Hydra sweeper optimises
+    return float(summary.get("reward_last", summary.get("success", 0.0)))  # what a Hydra sweeper optimises
 
 
 if __name__ == "__main__":

@@ -52,3 +52,12 @@ class Teacher:
                 extra = {"teacher_topk_ids": scored.topk_ids[i], "teacher_topk_logprobs": scored.topk_logprobs[i]}
             out.append(s.replace(**{field: scored.logprobs[i]}, **extra))
         return out
+
+    async def act(self, state_ids: list[int], max_new_tokens: int, name: str = "teacher",
+                  temperature: float = 0.0):
+        """The checkpoint's action for one state (greedy by default), for episode teachers."""
+        from relaxrl.engines.base import SamplingParams
+
+        params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens)
+        (gen,) = await asyncio.to_thread(self._engine(name).generate, [list(state_ids)], params)
+        return gen
