@@ -70,7 +70,8 @@ class StalenessQueue:
         self.dropped_groups = 0
         self.dropped: Counter[str] = Counter()  # samples by reason
         self.staleness_hist: Counter[int] = Counter()  # trained samples by staleness
-        self.gen_intervals: list[tuple[float, float]] = []  # busy intervals reported by rollouts
+        # Busy intervals per stage ("gen", "reward", ...) from samples' ``<stage>_start/_end`` timings.
+        self.stage_intervals: dict[str, list[tuple[float, float]]] = {}
 
     # --- admission ---------------------------------------------------------------------------
     def capacity(self) -> int:
@@ -102,8 +103,7 @@ class StalenessQueue:
                 raise QueueError(f"sample {s.uid}: index {s.index} outside group of {self.group_size}")
             self._seen_uids.add(s.uid)
             group.samples[s.index] = s
-            if s.timings.get("gen_end"):
-                self._note_interval(s.timings["gen_start"], s.timings["gen_end"])
+            self._note_intervals(s.timings)
         for gid in {s.group_id for s in samples}:
             self._maybe_complete(gid)
 
@@ -116,8 +116,12 @@ class StalenessQueue:
         group = self._groups[gid]
         if len(group.samples) < self.group_size:
             return
+        # A verifier error or timeout leaves reward None and says why: drop under that reason.
+        errors = [s.reward_info["error"] for s in group.samples.values() if s.reward is None and "error" in s.reward_info]
         missing = sorted({f for s in group.samples.values() for f in s.missing(self.required_fields)})
-        if missing:
+        if errors:
+            self._drop(gid, errors[0])
+        elif missing:
             self._drop(gid, "missing_" + "_".join(missing))
         elif self.version - group.min_version() > self.max_staleness:
             self._drop(gid, "stale")
@@ -131,9 +135,12 @@ class StalenessQueue:
         self.dropped[reason] += self.group_size
         log.warning("dropped group %s (%s)", gid, reason)
 
-    def _note_interval(self, start: float, end: float) -> None:
-        if not self.gen_intervals or self.gen_intervals[-1] != (start, end):
-            self.gen_intervals.append((start, end))
+    def _note_intervals(self, timings: dict[str, float]) -> None:
+        for key, start in timings.items():
+            if key.endswith("_start") and (end := timings.get(key[:-6] + "_end")) is not None:
+                seen = self.stage_intervals.setdefault(key[:-6], [])
+                if not seen or seen[-1] != (start, end):  # samples of one batch share an interval
+                    seen.append((start, end))
 
     # --- trainer ---------------------------------------------------------------------------------
     def ready_groups(self) -> int:
@@ -200,30 +207,39 @@ def group_name(seq: int) -> str:
 
 
 class QueueActor:
-    """Async wrapper run as a Ray actor: producers wait in ``admit``, the trainer in ``get_batch``."""
+    """Async wrapper run as a Ray actor: producers wait in ``admit``, the trainer in ``get_batch``.
+
+    Two conditions, so a put wakes only the trainer and a version bump only the producers: with
+    many producers a shared one would wake every waiter on every put.
+    """
 
     def __init__(self, **kwargs) -> None:
         self.q = StalenessQueue(**kwargs)
-        self._changed = asyncio.Condition()
+        self._capacity = asyncio.Condition()  # producers waiting for admission
+        self._ready = asyncio.Condition()  # the trainer waiting for a batch
         self._closed = False
 
-    async def _notify(self) -> None:
-        async with self._changed:
-            self._changed.notify_all()
+    @staticmethod
+    async def _wake(cond: asyncio.Condition) -> None:
+        async with cond:
+            cond.notify_all()
 
     async def admit(self) -> Optional[int]:
         """Wait for capacity; returns the group's sequence number, or None once closed."""
-        async with self._changed:
-            await self._changed.wait_for(lambda: self._closed or self.q.can_admit())
+        async with self._capacity:
+            await self._capacity.wait_for(lambda: self._closed or self.q.can_admit())
             return None if self._closed else self.q.admit()
 
     async def put(self, samples: list[Sample]) -> None:
+        dropped = self.q.dropped_groups
         self.q.put(samples)
-        await self._notify()
+        if self.q.dropped_groups != dropped:  # a dropped group gives its admission slot back
+            await self._wake(self._capacity)
+        await self._wake(self._ready)
 
     async def abandon(self, group_id: str, reason: str) -> None:
         self.q.abandon(group_id, reason)
-        await self._notify()
+        await self._wake(self._capacity)
 
     async def get_batch(self, num_groups: int, timeout_s: Optional[float] = None) -> Optional[list[Sample]]:
         """Wait until ``num_groups`` complete fresh groups are ready; None once closed."""
@@ -233,28 +249,30 @@ class QueueActor:
             nonlocal batch
             if self._closed:
                 return True
+            dropped = self.q.dropped_groups
             batch = self.q.take(num_groups)
+            if self.q.dropped_groups != dropped:  # stale groups dropped in take() free admission slots
+                asyncio.get_running_loop().create_task(self._wake(self._capacity))
             return batch is not None
 
-        async with self._changed:
-            await asyncio.wait_for(self._changed.wait_for(ready), timeout_s)
-            # Dropping stale groups in take() frees admission slots: wake the producers.
-            self._changed.notify_all()
+        async with self._ready:
+            await asyncio.wait_for(self._ready.wait_for(ready), timeout_s)
         return batch
 
     async def set_version(self, version: int) -> None:
         self.q.set_version(version)
-        await self._notify()
+        await self._wake(self._capacity)
 
     async def close(self) -> None:
         self._closed = True
-        await self._notify()
+        await self._wake(self._capacity)
+        await self._wake(self._ready)
 
     def metrics(self) -> dict:
         return self.q.metrics()
 
-    def gen_intervals(self) -> list[tuple[float, float]]:
-        return list(self.q.gen_intervals)
+    def stage_intervals(self) -> dict[str, list[tuple[float, float]]]:
+        return self.q.stage_intervals
 
     def check_accounting(self) -> None:
         self.q.check_accounting()
