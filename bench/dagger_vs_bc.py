@@ -1,7 +1,7 @@
 """DAgger vs behaviour cloning vs outcome-only GRPO on a multi-turn toy env, at one label budget.
 
-    python bench/dagger_vs_bc.py                     # calculator tool-use env, ~N labels each
-    python bench/dagger_vs_bc.py --env guess
+    python bench/dagger_vs_bc.py                     # guess-the-number env, 600 labels each
+    python bench/dagger_vs_bc.py --env calculator --steps 240 --steps-per-iter 8 --labels 800 --decay-iters 20
 
 All three start from the same randomly initialised tiny Qwen2 (CPU, fixed seeds) and take the
 same number of optimizer steps on the same number of training episodes per collection:
@@ -99,17 +99,17 @@ def plot(results: dict, a: argparse.Namespace, path: str) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--env", choices=sorted(ENVS), default="calculator")
-    p.add_argument("--labels", type=int, default=1200, help="teacher-label budget of DAgger and BC")
-    p.add_argument("--steps", type=int, default=240, help="optimizer steps of every method")
-    p.add_argument("--episodes-per-iter", type=int, default=32)
-    p.add_argument("--steps-per-iter", type=int, default=4)
-    p.add_argument("--decay-iters", type=int, default=6, help="DAgger: iterations for beta 1 -> 0")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--env", choices=sorted(ENVS), default="guess")
+    p.add_argument("--labels", type=int, default=600, help="teacher-label budget of DAgger and BC")
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps of every method")
+    p.add_argument("--episodes-per-iter", type=int, default=16)
+    p.add_argument("--steps-per-iter", type=int, default=5)
+    p.add_argument("--decay-iters", type=int, default=10, help="DAgger: iterations for beta 1 -> 0")
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--buffer-size", type=int, default=4096)
     p.add_argument("--grpo-group", type=int, default=8)
     p.add_argument("--eval-episodes", type=int, default=128)
-    p.add_argument("--eval-every", type=int, default=10, help="collections between held-out evaluations")
+    p.add_argument("--eval-every", type=int, default=8, help="collections between held-out evaluations")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", default="dagger,bc,grpo")

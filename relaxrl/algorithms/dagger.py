@@ -74,7 +74,7 @@ class DAggerConfig:
     steps_per_iter: int = 4  # optimizer steps between collections
     batch_size: int = 64  # labels per optimizer step, drawn uniformly from the aggregated buffer
     eval_episodes: int = 64  # held-out seeds, student alone
-    eval_every: int = 0  # iterations between evaluations; 0: only at the end
+    eval_every: int = 0  # evaluate every eval_every * steps_per_iter steps; 0: only at the end
 
     def __post_init__(self) -> None:
         if self.teacher not in TEACHERS:

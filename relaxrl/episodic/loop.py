@@ -80,8 +80,9 @@ async def dagger_loop(
             if budget is None or res.labels < budget or cfg.grpo_weight > 0:
                 trajectories = await _collect(cfg, collect, iteration, seed, tokenizer, buffer, budget, res)
                 iteration += 1
-                if cfg.eval_every and iteration % cfg.eval_every == 0:
-                    await _evaluate(evaluate, held_out, step - 1, res)
+        # Every eval_every collection periods, also after the label budget has stopped collection.
+        if cfg.eval_every and (step - 1) % (cfg.eval_every * cfg.steps_per_iter) == 0:
+            await _evaluate(evaluate, held_out, step - 1, res)
         batch = buffer.draw(cfg.batch_size, rng) if cfg.ce_weight > 0 else []
         if cfg.grpo_weight > 0:
             batch = batch + trajectories
