@@ -13,8 +13,14 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from relaxrl.algorithms.extrapolated_opd import ExtrapolatedOPDConfig
 from relaxrl.algorithms.grpo import GRPOConfig
+from relaxrl.algorithms.mopd import MOPDConfig
+from relaxrl.envs.json_answer import JsonAnswerEnvConfig
+from relaxrl.envs.mixture import MixtureEnvConfig
+from relaxrl.faults import FaultConfig
 from relaxrl.models.lora import LoraConfig
+from relaxrl.pipeline.config import PipelineConfig
 
 
 @dataclass
@@ -77,8 +83,9 @@ class DatasetEnvConfig:
     answer_field: str = "answer"
     domain_field: Optional[str] = None
     domain: str = "default"
-    verifier: str = "exact"  # exact | numeric | contains
+    verifier: str = "exact"  # exact | numeric | contains | python_tests (runs code in a sandboxed subprocess)
     eval_fraction: float = 0.1
+    on_bad_row: str = "error"  # a malformed row (missing field, wrong type): error naming it | skip (counted, logged)
 
 
 @dataclass
@@ -118,6 +125,13 @@ class TeacherConfig:
     num_gpus: float = 0.0
     torch_threads: int = 1
     top_k: int = 0
+    # {domain: checkpoint dir}: serve one teacher per domain (DomainTeacher); each sample is scored by
+    # its own domain's teacher into teacher_logprobs (MOPD). Pipeline stages fill it from the registry.
+    domains: dict[str, str] = field(default_factory=dict)
+    # Served as "teacher" (fills teacher_logprobs) when the algorithm needs it; "ref" stays the base.
+    # A local model dir, or "tiny": built offline by warm-starting on the env's teacher_pairs.
+    teacher_checkpoint: Optional[str] = None
+    teacher_warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)  # for teacher_checkpoint=tiny
 
 
 @dataclass
@@ -161,6 +175,9 @@ class Config:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)  # stages; empty: a single run
+    faults: FaultConfig = field(default_factory=FaultConfig)
+    resume: Optional[str] = None  # true: newest checkpoint of run_dir; or a checkpoint / run directory path
 
 
 def register_configs() -> None:
@@ -169,6 +186,10 @@ def register_configs() -> None:
     cs.store(group="algorithm", name="grpo_schema", node=GRPOConfig)
     cs.store(group="env", name="arithmetic_schema", node=ArithmeticEnvConfig)
     cs.store(group="env", name="dataset_schema", node=DatasetEnvConfig)
+    cs.store(group="algorithm", name="mopd_schema", node=MOPDConfig)
+    cs.store(group="env", name="mixture_schema", node=MixtureEnvConfig)
+    cs.store(group="algorithm", name="extrapolated_opd_schema", node=ExtrapolatedOPDConfig)
+    cs.store(group="env", name="json_answer_schema", node=JsonAnswerEnvConfig)
 
 
 register_configs()

@@ -6,7 +6,7 @@ import logging
 import os
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import ray
@@ -71,6 +71,44 @@ def prepare_model_dir(cfg: DictConfig) -> str:
     )
 
 
+def prepare_teacher_dir(cfg: DictConfig) -> Optional[str]:
+    """The "teacher" checkpoint's directory: None, a local dir, or "tiny" (built from env.teacher_pairs)."""
+    t = cfg.teacher
+    if not t.teacher_checkpoint:
+        return None
+    if t.teacher_checkpoint != "tiny":
+        from relaxrl.models.loading import load_tokenizer
+
+        load_tokenizer(t.teacher_checkpoint)  # fails early and clearly if the directory is wrong
+        return os.path.abspath(os.path.expanduser(t.teacher_checkpoint))
+    from relaxrl.envs.registry import make_env
+    from relaxrl.models.loading import prepare_tiny_model_dir
+
+    env = make_env(**plain(cfg.env))
+    if not hasattr(env, "teacher_pairs"):
+        raise ValueError(f"teacher.teacher_checkpoint=tiny needs an env with teacher_pairs; {cfg.env.name!r} has none")
+    ws = plain(t.teacher_warm_start)
+    return prepare_tiny_model_dir(
+        cache_dir=os.path.expanduser(cfg.model.cache_dir),
+        model_kwargs=plain(cfg.model.tiny),
+        warm_start_pairs_fn=lambda n: env.teacher_pairs(n, seed=ws["seed"]),
+        warm_start=ws,
+        key_extra={"env": plain(cfg.env), "role": "teacher"},
+    )
+
+
+def teacher_calls(cfg: DictConfig, required_fields: tuple[str, ...]) -> list[tuple[str, str]]:
+    """(checkpoint name, sample field) pairs the teacher role fills for each group, in order."""
+    calls = [("ref", "ref_logprobs")]
+    if "teacher_logprobs" in required_fields:
+        if not cfg.teacher.teacher_checkpoint:
+            raise ValueError("the algorithm needs teacher_logprobs: set teacher.teacher_checkpoint (a local model "
+                             "dir, or tiny), or teacher.domains={domain: checkpoint dir} for per-domain teachers "
+                             "(a pipeline stage with `teachers` sets it from the checkpoint registry)")
+        calls.append(("teacher", "teacher_logprobs"))
+    return calls
+
+
 @dataclass
 class Roles:
     run_id: str
@@ -80,6 +118,9 @@ class Roles:
     teacher: Optional[Any]
     queue: Any  # ActorHandle of QueueActor
     weights: Any  # ActorHandle of WeightStore
+    model_dir: str = ""  # what the roles loaded (a checkpoint records its architecture)
+    teacher_by_domain: bool = False  # the teacher is a DomainTeacher: route each group by its domain
+    teacher_calls: list = field(default_factory=lambda: [("ref", "ref_logprobs")])  # see teacher_calls()
 
     def app_names(self) -> list[str]:
         roles = ["rollout", "reward", "actor"] + (["teacher"] if self.teacher is not None else [])
@@ -101,7 +142,8 @@ class Roles:
 
 
 def needs_teacher(cfg: DictConfig, required_fields: tuple[str, ...]) -> bool:
-    return bool(cfg.teacher.enabled) or any(f in required_fields for f in ("ref_logprobs", "teacher_logprobs"))
+    return (bool(cfg.teacher.enabled) or bool(cfg.teacher.domains)
+            or any(f in required_fields for f in ("ref_logprobs", "teacher_logprobs")))
 
 
 def start_roles(cfg: DictConfig, model_dir: str, required_fields: tuple[str, ...]) -> Roles:
@@ -116,7 +158,7 @@ def start_roles(cfg: DictConfig, model_dir: str, required_fields: tuple[str, ...
     store = ray.remote(WeightStore).options(name=store_name(run_id), namespace=ns, num_cpus=0).remote()
     queue = (
         ray.remote(QueueActor)
-        .options(num_cpus=0, max_concurrency=1000)
+        .options(name=f"relaxrl-queue-{run_id}", namespace=ns, num_cpus=0, max_concurrency=1000)  # named: watchable
         .remote(
             groups_per_step=cfg.rollout.groups_per_step,
             group_size=cfg.rollout.group_size,
@@ -125,11 +167,14 @@ def start_roles(cfg: DictConfig, model_dir: str, required_fields: tuple[str, ...
         )
     )
     lora = plain(cfg.model.lora) if cfg.model.lora.enabled else None
-    r, rw, t, tr = cfg.rollout, cfg.reward, cfg.teacher, cfg.trainer
+    r, rw, t, tr, f = cfg.rollout, cfg.reward, cfg.teacher, cfg.trainer, cfg.faults
+    # Serve restarts a replica whose check_health fails: a dead one, or one hung past hang_timeout_s.
+    health = {"health_check_period_s": f.health_check_period_s, "health_check_timeout_s": f.health_check_timeout_s}
     apps = {
         "rollout": Rollout.options(
             num_replicas=r.num_replicas,
             ray_actor_options={"num_cpus": r.num_cpus, "num_gpus": r.num_gpus},
+            **health,
         ).bind(
             model_dir,
             sampling={"temperature": r.temperature, "top_p": r.top_p, "max_new_tokens": r.max_new_tokens},
@@ -140,13 +185,18 @@ def start_roles(cfg: DictConfig, model_dir: str, required_fields: tuple[str, ...
             namespace=ns,
             batch_max_groups=r.batch_max_groups,
             batch_wait_s=r.batch_wait_s,
+            hang_timeout_s=f.hang_timeout_s,
+            sync_timeout_s=f.sync_timeout_s,
         ),
-        "reward": Reward.options(num_replicas=rw.num_replicas, ray_actor_options={"num_cpus": rw.num_cpus}).bind(
+        "reward": Reward.options(
+            num_replicas=rw.num_replicas, ray_actor_options={"num_cpus": rw.num_cpus}, **health
+        ).bind(
             plain(cfg.env), timeout_s=rw.timeout_s, max_workers=rw.max_workers,
             on_error=rw.on_error, error_reward=rw.error_reward, simulated_latency_s=rw.simulated_latency_s,
+            hang_timeout_s=f.hang_timeout_s,
         ),
         "actor": Actor.options(
-            num_replicas=1, ray_actor_options={"num_cpus": tr.num_cpus, "num_gpus": tr.num_gpus}
+            num_replicas=1, ray_actor_options={"num_cpus": tr.num_cpus, "num_gpus": tr.num_gpus}, **health
         ).bind(
             model_dir,
             algorithm=plain(cfg.algorithm),
@@ -157,15 +207,33 @@ def start_roles(cfg: DictConfig, model_dir: str, required_fields: tuple[str, ...
             seed=cfg.seed,
             store_name=store_name(run_id),
             namespace=ns,
+            hang_timeout_s=f.hang_timeout_s,
+            publish_timeout_s=f.publish_timeout_s,
         ),
     }
-    if needs_teacher(cfg, required_fields):
+    calls: list[tuple[str, str]] = []
+    if t.domains:
+        from relaxrl.services.domain_teacher import DomainTeacher
+
+        apps["teacher"] = DomainTeacher.options(
+            num_replicas=t.num_replicas, ray_actor_options={"num_cpus": t.num_cpus, "num_gpus": t.num_gpus},
+            **health,
+        ).bind(plain(t.domains), dtype=cfg.model.dtype, torch_threads=t.torch_threads, top_k=t.top_k,
+               temperature=r.temperature)
+    elif needs_teacher(cfg, required_fields):
+        calls = teacher_calls(cfg, required_fields)
+        checkpoints = {"ref": t.checkpoint or model_dir}
+        if ("teacher", "teacher_logprobs") in calls:
+            checkpoints["teacher"] = prepare_teacher_dir(cfg)
         apps["teacher"] = Teacher.options(
-            num_replicas=t.num_replicas, ray_actor_options={"num_cpus": t.num_cpus, "num_gpus": t.num_gpus}
-        ).bind({"ref": t.checkpoint or model_dir}, dtype=cfg.model.dtype, torch_threads=t.torch_threads, top_k=t.top_k)
+            num_replicas=t.num_replicas, ray_actor_options={"num_cpus": t.num_cpus, "num_gpus": t.num_gpus},
+            **health,
+        ).bind(checkpoints, dtype=cfg.model.dtype, torch_threads=t.torch_threads, top_k=t.top_k,
+               hang_timeout_s=f.hang_timeout_s)
     names = list(apps)
     handles = serve.run_many(
         [serve.RunTarget(target=app, name=f"{n}-{run_id}", route_prefix=None) for n, app in apps.items()]
     )
     h = dict(zip(names, handles))
-    return Roles(run_id, h["rollout"], h["reward"], h["actor"], h.get("teacher"), queue, store)
+    return Roles(run_id, h["rollout"], h["reward"], h["actor"], h.get("teacher"), queue, store, model_dir,
+                 teacher_by_domain=bool(t.domains), teacher_calls=calls)

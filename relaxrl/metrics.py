@@ -45,3 +45,13 @@ def first_last_mean(values: Sequence[float], fraction: float = 0.1) -> tuple[flo
         return float("nan"), float("nan")
     k = max(1, int(round(len(values) * fraction)))
     return sum(values[:k]) / k, sum(values[-k:]) / k
+
+
+def info_means(infos: Sequence[dict]) -> dict[str, float]:
+    """``info/<key>``: the mean of each numeric per-sample reward-info value (e.g. parse validity)."""
+    sums: dict[str, float] = {}
+    for info in infos:
+        for k, v in info.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                sums[k] = sums.get(k, 0.0) + float(v)
+    return {f"info/{k}": v / len(infos) for k, v in sums.items()} if infos else {}

@@ -13,6 +13,8 @@ from tqdm.auto import tqdm
 log = logging.getLogger(__name__)
 
 _BAR_KEYS = {"reward_mean": "reward", "staleness_mean": "stale", "samples_per_s": "samp/s"}
+# extrapolated_opd's schedule and the structured-output env's parse validity, when present
+_BAR_KEYS.update({"algo/lambda": "λ", "algo/lambda_star": "λ*", "algo/p": "p", "algo/b": "b", "info/valid": "valid"})
 
 
 class Monitor:

@@ -28,8 +28,11 @@ class Rollout:
         namespace: str = "relaxrl",
         batch_max_groups: int = 8,
         batch_wait_s: float = 0.005,
+        hang_timeout_s: float = 600.0,
+        sync_timeout_s: float = 120.0,
     ) -> None:
         from relaxrl.engines.hf_generation import HFGenerationEngine
+        from relaxrl.faults import RequestWatch
         from relaxrl.models.lora import LoraConfig
 
         quiet_replica_logs()
@@ -38,7 +41,8 @@ class Rollout:
         self.engine = HFGenerationEngine.from_pretrained(
             model_dir, lora=lora_cfg, dtype=dtype, torch_threads=torch_threads
         )
-        self.weights = WeightFollower(self.engine, store_name, namespace)
+        self.weights = WeightFollower(self.engine, store_name, namespace, timeout_s=sync_timeout_s)
+        self.watch = RequestWatch(hang_timeout_s)
         self.sampling = sampling
         self._generate_batch.set_max_batch_size(batch_max_groups)
         self._generate_batch.set_batch_wait_timeout_s(batch_wait_s)
@@ -52,9 +56,13 @@ class Rollout:
         loaded = await self.weights.sync()
         params = SamplingParams(seed=requests[0].seed, **self.sampling)
         start = time.time()
-        gens = await asyncio.to_thread(self.engine.generate, prompts_of(requests), params)
+        gens = await asyncio.to_thread(self.watch.wrap(self.engine.generate), prompts_of(requests), params)
         timings = {**loaded, "gen_start": start, "gen_end": time.time()}
         return samples_from_generations(requests, gens, self.engine.tokenizer, self.engine.version, timings)
 
     def stats(self) -> dict:
-        return {"version": self.engine.version, "weight_loads": self.weights.loads, "sync_s": self.weights.sync_s}
+        return {"version": self.engine.version, "weight_loads": self.weights.loads, "sync_s": self.weights.sync_s,
+                "sync_failures": self.weights.failures}
+
+    def check_health(self) -> None:
+        self.watch.check()

@@ -286,7 +286,7 @@ def test_registry_builds_from_each_config_form():
 
 
 def test_registry_errors():
-    with pytest.raises(ValueError, match=r"unknown algorithm 'ppo'.*'grpo'"):  # lists the registered ones
+    with pytest.raises(ValueError, match=r"unknown algorithm 'ppo'; registered: \[.*'grpo'"):
         make_algorithm({"name": "ppo"})
     with pytest.raises(ValueError, match="clip_hihg"):
         make_algorithm({"name": "grpo", "clip_hihg": 0.3})

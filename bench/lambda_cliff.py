@@ -1,0 +1,244 @@
+"""Pre-registered λ* cliff test on the structured-output toy (``+experiment=lambda_cliff``).
+
+    python bench/lambda_cliff.py                 # full sweep (<= 20 min on 2 cores)
+    python bench/lambda_cliff.py --fast          # a few points, a few steps (the test suite's version)
+
+1. Pre-register: sample the base (warm-start student) on training prompts, score the samples under
+   the teacher and the base, estimate p and b at the structural positions with the estimator the
+   scheduler uses, and print the predicted λ*(p, b, c) *before* any training run.
+2. Sweep fixed λ over a grid (0.5 .. 4, finer around the prediction): one synchronous on-policy
+   run each, in-process with RelaxRL's engines, env and algorithm (no Ray: on a shared 2-core box
+   Serve's per-run startup would cost more than the runs; the same config runs on the framework
+   with ``python -m relaxrl.train +experiment=lambda_cliff algorithm.lam=L``).
+3. One scheduler run (``algorithm.schedule=lambda_star``, λ_target = the grid's top).
+4. Report parse validity and accuracy on parsed outputs per λ (on-policy samples of the last
+   ``--tail`` fraction of steps), the observed cliff interval [A, B] (the grid step in which
+   validity first falls below 90% of the λ = 1 run), and the last line
+
+   lambda_cliff: predicted=P observed_lo=A observed_hi=B scheduler_validity=V baseline_validity=W ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny models: one thread each (before torch loads)
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+BASE_GRID = [0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0]
+CLIFF_FRACTION = 0.9  # the cliff: validity below this fraction of the λ = 1 run's
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose, initialize_config_module
+
+    import relaxrl.config  # noqa: F401  (schemas)
+
+    with initialize_config_module(config_module="relaxrl.conf", version_base=None):
+        return hydra_compose(config_name="config", overrides=["+experiment=lambda_cliff", *overrides])
+
+
+def measure_pbc(toy: "Toy", n_prompts: int = 64) -> dict:
+    """p, b (binding structural class) and λ* from the base's own samples, before any training."""
+    from relaxrl.algorithms import make_algorithm
+    from relaxrl.engines.base import SamplingParams
+    from relaxrl.launch import plain
+    from relaxrl.models.chat import render_prompt_ids
+    from relaxrl.sample import Sample, collate
+
+    cfg, base, teacher = toy.cfg, toy.base, toy.teacher
+    tasks = toy.env.tasks("train", cfg.seed + 12_345)  # not the runs' prompt stream
+    r = cfg.rollout
+    prompts = [render_prompt_ids(base.tokenizer, next(tasks).prompt) for _ in range(n_prompts)]
+    prompts = [p for p in prompts for _ in range(r.group_size)]
+    params = SamplingParams(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens, seed=cfg.seed)
+    gens = base.generate(prompts, params)
+    seqs = [p + g.response_ids for p, g in zip(prompts, gens)]
+    lens = [len(p) for p in prompts]
+    t_lp, b_lp = teacher.score(seqs, lens).logprobs, base.score(seqs, lens).logprobs
+    samples = [
+        Sample(uid=str(i), group_id=str(i), index=0, prompt_ids=p, response_ids=g.response_ids,
+               behaviour_logprobs=g.logprobs, reward=0.0, teacher_logprobs=t, ref_logprobs=bl)
+        for i, (p, g, t, bl) in enumerate(zip(prompts, gens, t_lp, b_lp))
+    ]
+    batch = collate(samples, base.pad_id)
+    algo = make_algorithm({**plain(cfg.algorithm), "ema": 0.0, "schedule": "fixed"})
+    est = algo.step_lambda(batch)
+    token = base.tokenizer.convert_ids_to_tokens(int(est["binding_class"])) if est["binding_class"] >= 0 else "?"
+    return {**est, "binding_token": token, "samples": len(samples)}
+
+
+class Toy:
+    """The engines, env and models of one configuration, loaded once and shared by all runs."""
+
+    def __init__(self, cfg) -> None:
+        from relaxrl.engines.hf_generation import HFGenerationEngine
+        from relaxrl.envs.registry import make_env
+        from relaxrl.launch import plain, prepare_model_dir, prepare_teacher_dir
+
+        self.cfg = cfg
+        self.base_dir, self.teacher_dir = prepare_model_dir(cfg), prepare_teacher_dir(cfg)
+        self.base = HFGenerationEngine.from_pretrained(self.base_dir)
+        self.teacher = HFGenerationEngine.from_pretrained(self.teacher_dir)
+        self.env = make_env(**plain(cfg.env))
+
+
+def run_inprocess(toy: Toy, cfg, seed: int) -> list[dict]:
+    """One synchronous on-policy run with RelaxRL's engines, env and algorithm, without Ray.
+
+    Per step: sample ``groups_per_step × group_size`` responses from the student, verify them,
+    score them under the teacher and the base, one optimizer step of ``cfg.algorithm``. Returns
+    per-step metrics with the same keys as a framework run's metrics.jsonl.
+    """
+    from relaxrl.algorithms import make_algorithm
+    from relaxrl.engines.base import SamplingParams
+    from relaxrl.engines.hf_generation import HFGenerationEngine
+    from relaxrl.engines.torch_trainer import TorchTrainerEngine
+    from relaxrl.launch import plain
+    from relaxrl.metrics import info_means
+    from relaxrl.models.chat import render_prompt_ids
+    from relaxrl.sample import Sample, collate
+
+    tr, r = cfg.trainer, cfg.rollout
+    algo = make_algorithm(plain(cfg.algorithm))
+    trainer = TorchTrainerEngine.from_pretrained(
+        toy.base_dir, lr=tr.lr, max_grad_norm=tr.max_grad_norm, micro_batch_size=tr.micro_batch_size,
+        temperature=r.temperature, seed=seed)
+    student = HFGenerationEngine(trainer.model, toy.base.tokenizer)  # shares the trained module: always fresh
+    tasks = toy.env.tasks("train", seed)
+    rows = []
+    for step in range(1, tr.steps + 1):
+        group = [next(tasks) for _ in range(r.groups_per_step)]
+        prompts = [render_prompt_ids(student.tokenizer, t.prompt) for t in group for _ in range(r.group_size)]
+        params = SamplingParams(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
+                                seed=seed * 1_000_003 + step)
+        gens = student.generate(prompts, params)
+        seqs = [p + g.response_ids for p, g in zip(prompts, gens)]
+        lens = [len(p) for p in prompts]
+        t_lp, b_lp = toy.teacher.score(seqs, lens).logprobs, toy.base.score(seqs, lens).logprobs
+        samples = []
+        for i, (p, g) in enumerate(zip(prompts, gens)):
+            task = group[i // r.group_size]
+            ids = g.response_ids[:-1] if g.finish_reason == "stop" else g.response_ids
+            text = student.tokenizer.decode(ids, skip_special_tokens=True)
+            samples.append(Sample(
+                uid=f"{step}/{i}", group_id=f"{step}/{i // r.group_size}", index=i % r.group_size, prompt_ids=p,
+                response_ids=g.response_ids, behaviour_logprobs=g.logprobs, policy_version=trainer.version,
+                reward=toy.env.verify(text, task), reward_info=toy.env.response_info(text, task),
+                teacher_logprobs=t_lp[i], ref_logprobs=b_lp[i]))
+        batch = algo.prepare(collate(samples, student.pad_id))
+        metrics = trainer.train_step(batch, algo.loss)
+        rows.append({"step": step, "samples": len(samples), **metrics,
+                     **{f"algo/{k}": v for k, v in batch.scalars.items()},
+                     **info_means([s.reward_info for s in samples])})
+    return rows
+
+
+def run_one(toy: Toy, cfg, seed: int) -> dict:
+    t0 = time.time()
+    rows = run_inprocess(toy, cfg, seed)
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    Path(cfg.run_dir, "metrics.jsonl").write_text("".join(json.dumps(r, default=float) + "\n" for r in rows))
+    return {"steps": rows, "wall_s": time.time() - t0}
+
+
+def tail_metrics(steps: list[dict], tail: float) -> dict:
+    """Validity and accuracy on parsed outputs over the last ``tail`` fraction of steps."""
+    k = max(1, int(round(len(steps) * tail)))
+    last = steps[-k:]
+    n = sum(s["samples"] for s in last)
+    valid = sum(s["info/valid"] * s["samples"] for s in last)
+    correct = sum(s["info/correct"] * s["samples"] for s in last)
+    lam = sum(s["algo/lambda"] for s in last) / k
+    lam_star = [s["algo/lambda_star"] for s in last]
+    return {"validity": valid / n, "accuracy": correct / valid if valid else float("nan"),
+            "lambda_mean": lam, "lambda_star_last": lam_star[-1], "samples": n}
+
+
+def make_grid(predicted: float, base_grid: list[float]) -> list[float]:
+    """The base grid plus points at 0.8, 0.9, 1, 1.1 and 1.2 × the prediction (also outside the base
+    grid, so the prediction is always bracketed by runs; at most twice the grid's top)."""
+    extra = [predicted * f for f in (0.8, 0.9, 1.0, 1.1, 1.2)] if math.isfinite(predicted) else []
+    return sorted({round(x, 2) for x in base_grid + [e for e in extra if 0 < e <= 2 * max(base_grid)]})
+
+
+def observed_interval(results: dict[float, dict], baseline_validity: float) -> tuple[float, float]:
+    """The grid step [A, B] in which validity first falls below CLIFF_FRACTION × the λ=1 run's."""
+    grid = sorted(results)
+    for prev, cur in zip(grid, grid[1:]):
+        if cur > 1.0 and results[cur]["validity"] < CLIFF_FRACTION * baseline_validity:
+            return prev, cur
+    return math.nan, math.nan
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--fast", action="store_true", help="λ in {1, 3} + scheduler, few steps (the test's version)")
+    ap.add_argument("--grid", type=str, default=None, help="comma-separated base grid (default 0.5..4)")
+    ap.add_argument("--steps", type=int, default=None, help="trainer steps per run")
+    ap.add_argument("--tail", type=float, default=0.25, help="fraction of final steps the metrics average over")
+    ap.add_argument("--out", type=str, default="runs/lambda_cliff", help="run dirs and results.json go here")
+    ap.add_argument("--seed", type=int, default=0, help="the same prompts and sampling seeds for every run")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides applied to every run")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    torch.set_num_threads(1)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    overrides = list(args.overrides) + ["logger.progress=false", "trainer.save_final=false"]
+    if args.steps is not None:
+        overrides.append(f"trainer.steps={args.steps}")
+    base_grid = [1.0, 3.0] if args.fast else BASE_GRID
+    if args.grid:
+        base_grid = [float(x) for x in args.grid.split(",")]
+    if 1.0 not in base_grid:
+        base_grid.append(1.0)  # the baseline (plain OPD)
+
+    cfg0 = compose(overrides + [f"run_dir={out}/prereg"])
+    toy = Toy(cfg0)
+    pre = measure_pbc(toy)
+    predicted = pre["lambda_star"]
+    print(f"pre-registered: p={pre['p']:.4f} b={pre['b']:.4f} c={pre['c']:g} binding_token={pre['binding_token']!r} "
+          f"structural_positions={int(pre['structural_positions'])} predicted_lambda_star={predicted:.3f}", flush=True)
+    grid = sorted(base_grid) if args.fast else make_grid(predicted, base_grid)
+    print(f"grid: {grid}", flush=True)
+
+    results: dict[float, dict] = {}
+    for lam in grid:
+        run = run_one(toy, compose(overrides + [f"algorithm.lam={lam}", f"run_dir={out}/lam_{lam}"]), args.seed)
+        results[lam] = tail_metrics(run["steps"], args.tail)
+        print(f"lambda={lam:<5} validity={results[lam]['validity']:.3f} accuracy={results[lam]['accuracy']:.3f} "
+              f"lambda_star_est={results[lam]['lambda_star_last']:.3f} wall_s={run['wall_s']:.0f}", flush=True)
+    target = max(grid)
+    run = run_one(toy, compose(overrides + ["algorithm.schedule=lambda_star", f"algorithm.lam={target}",
+                                            f"run_dir={out}/scheduler"]), args.seed)
+    sched = tail_metrics(run["steps"], args.tail)
+    print(f"scheduler (target={target}): lambda_mean={sched['lambda_mean']:.3f} validity={sched['validity']:.3f} "
+          f"accuracy={sched['accuracy']:.3f} wall_s={run['wall_s']:.0f}", flush=True)
+
+    base = results[1.0]
+    lo, hi = observed_interval(results, base["validity"])
+    inside = lo <= predicted <= hi if math.isfinite(lo) else False
+    report = {"prereg": pre, "grid": grid, "results": {str(k): v for k, v in results.items()}, "scheduler": sched,
+              "observed": [lo, hi], "predicted": predicted, "prediction_inside": inside,
+              "scheduler_validity_ratio": sched["validity"] / base["validity"]}
+    (out / "results.json").write_text(json.dumps(report, indent=1, default=float))
+    print(f"prediction inside observed interval: {inside}; scheduler validity / baseline validity = "
+          f"{report['scheduler_validity_ratio']:.3f}; results in {out / 'results.json'}")
+    print(f"lambda_cliff: predicted={predicted:.3f} observed_lo={lo:.2f} observed_hi={hi:.2f} "
+          f"scheduler_validity={sched['validity']:.3f} baseline_validity={base['validity']:.3f} "
+          f"scheduler_accuracy={sched['accuracy']:.3f} baseline_accuracy={base['accuracy']:.3f}", flush=True)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Domain teacher role: scores each sample under the teacher checkpoint of the sample's own domain.
+
+One deployment serves every domain's teacher with Serve model multiplexing: a teacher is loaded
+lazily on first use (``@serve.multiplexed``, LRU-evicted beyond ``max_models`` per replica), and the
+driver sends each group with ``multiplexed_model_id=<domain>`` so Serve routes it to a replica that
+already holds that teacher. A request without a model id is split by the samples' domains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from typing import Optional
+
+from ray import serve
+
+from relaxrl.sample import Sample
+from relaxrl.services.common import quiet_replica_logs, set_threads
+
+MAX_MODELS_PER_REPLICA = 8
+
+
+@serve.deployment(max_ongoing_requests=64)
+class DomainTeacher:
+    def __init__(self, checkpoints: dict[str, str], *, dtype: str = "float32", torch_threads: int = 1,
+                 top_k: int = 0, temperature: float = 1.0) -> None:
+        if not checkpoints:
+            raise ValueError("DomainTeacher needs at least one {domain: checkpoint} entry (teacher.domains)")
+        quiet_replica_logs()
+        set_threads(torch_threads)
+        self.paths = dict(checkpoints)
+        self.dtype, self.torch_threads, self.top_k, self.temperature = dtype, torch_threads, top_k, temperature
+        self.loads: dict[str, int] = defaultdict(int)  # teacher loads per domain (evictions reload)
+
+    @serve.multiplexed(max_num_models_per_replica=MAX_MODELS_PER_REPLICA)
+    async def get_teacher(self, domain: str):
+        from relaxrl.engines.hf_generation import HFGenerationEngine
+
+        if domain not in self.paths:
+            raise KeyError(f"no teacher for domain {domain!r}; teachers: {sorted(self.paths)}")
+        self.loads[domain] += 1
+        return await asyncio.to_thread(
+            HFGenerationEngine.from_pretrained, self.paths[domain], dtype=self.dtype, torch_threads=self.torch_threads
+        )
+
+    async def score(self, samples: list[Sample], top_k: Optional[int] = None) -> list[Sample]:
+        """``samples`` with ``teacher_logprobs`` from the teacher of each one's ``domain``."""
+        routed = serve.get_multiplexed_model_id()
+        by_domain: dict[str, list[int]] = defaultdict(list)
+        for i, s in enumerate(samples):
+            by_domain[s.domain].append(i)
+        if routed and set(by_domain) - {routed}:
+            raise ValueError(f"request routed to teacher {routed!r} carries samples of domains {sorted(by_domain)}")
+        unknown = sorted(set(by_domain) - set(self.paths))
+        if unknown:
+            raise KeyError(f"no teacher for domain(s) {unknown}; teachers: {sorted(self.paths)}")
+        k = self.top_k if top_k is None else top_k
+        out: list[Optional[Sample]] = [None] * len(samples)
+        for domain, idx in by_domain.items():
+            engine = await self.get_teacher(domain)
+            seqs = [samples[i].prompt_ids + samples[i].response_ids for i in idx]
+            lens = [len(samples[i].prompt_ids) for i in idx]
+            scored = await asyncio.to_thread(engine.score, seqs, lens, k, temperature=self.temperature)
+            for j, i in enumerate(idx):
+                extra = {}
+                if scored.topk_ids is not None:
+                    extra = {"teacher_topk_ids": scored.topk_ids[j], "teacher_topk_logprobs": scored.topk_logprobs[j]}
+                out[i] = samples[i].replace(teacher_logprobs=scored.logprobs[j], **extra)
+        return out
+
+    def stats(self) -> dict:
+        return {"loads": dict(self.loads)}
