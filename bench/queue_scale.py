@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 import time
 import tracemalloc
 
@@ -76,6 +77,8 @@ async def consume(queue, steps: int) -> tuple[float, list[float], int]:
 
 
 def measure(producers: int, tokens: int, steps: int) -> dict:
+    # Imported (not run as a script), this module is not on the workers' path: ship it by value.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     queue = ray.remote(QueueActor).options(num_cpus=0, max_concurrency=1000).remote(
         groups_per_step=GROUPS_PER_STEP, group_size=GROUP, max_staleness=STALENESS,
         required_fields=("response_ids", "behaviour_logprobs", "reward"))

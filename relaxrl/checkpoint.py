@@ -28,9 +28,9 @@ from typing import Any, Optional
 META = "meta.json"
 TRAIN_LOG = "train_log.jsonl"
 RUN_INFO = "run_info.json"
-# Files of the run directory that belong to its state (e.g. a MOPD teacher registry): copied into
+# Files of the run directory that belong to its state (the MOPD teacher registry, relaxrl/pipeline): copied into
 # each checkpoint when present and restored on resume. Other modules may append their own.
-RUN_FILES: list[str] = ["mopd_registry.json"]
+RUN_FILES: list[str] = ["registry.json"]
 # config.json keys that must match for a checkpoint's weights to fit the model.
 ARCH_KEYS = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "num_attention_heads",
              "num_key_value_heads", "intermediate_size", "vocab_size", "tie_word_embeddings",
