@@ -193,3 +193,7 @@ def register_configs() -> None:
 
 
 register_configs()
+
+from relaxrl.episodic.config import register_episodic_configs  # noqa: E402  (DAgger, multi-turn envs)
+
+register_episodic_configs()

@@ -38,6 +38,10 @@ def run_experiment(cfg: DictConfig, on_step=None) -> dict:
     from relaxrl.monitor import Monitor
 
     check_known_keys(cfg, Config)  # a key added with '+' that nothing reads is an error, not a no-op
+    if cfg.algorithm.name == "dagger":  # multi-turn episodes: their own loop (relaxrl/episodic/)
+        from relaxrl.episodic.driver import run_episodic_experiment
+
+        return run_episodic_experiment(cfg)
     run_dir = os.path.abspath(cfg.run_dir)
     os.makedirs(run_dir, exist_ok=True)
     resume = checkpoint.resolve_resume(cfg.resume, run_dir)  # a missing checkpoint fails before Ray starts
@@ -89,7 +93,7 @@ def main(cfg: DictConfig) -> float:
 
         return float(run_pipeline(cfg)["final_score"])
     summary = run_experiment(cfg)
-    return float(summary["reward_last"])  # what a Hydra sweeper optimises
+    return float(summary.get("reward_last", summary.get("success", 0.0)))  # what a Hydra sweeper optimises
 
 
 if __name__ == "__main__":

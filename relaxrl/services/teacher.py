@@ -58,3 +58,12 @@ class Teacher:
 
     def check_health(self) -> None:
         self.watch.check()
+
+    async def act(self, state_ids: list[int], max_new_tokens: int, name: str = "teacher",
+                  temperature: float = 0.0):
+        """The checkpoint's action for one state (greedy by default), for episode teachers."""
+        from relaxrl.engines.base import SamplingParams
+
+        params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens)
+        (gen,) = await asyncio.to_thread(self._engine(name).generate, [list(state_ids)], params)
+        return gen

@@ -1,0 +1,156 @@
+"""DAgger vs behaviour cloning vs outcome-only GRPO on a multi-turn toy env, at one label budget.
+
+    python bench/dagger_vs_bc.py                     # guess-the-number env, 600 labels each
+    python bench/dagger_vs_bc.py --env calculator --steps 240 --steps-per-iter 8 --labels 800 --decay-iters 20
+
+All three start from the same randomly initialised tiny Qwen2 (CPU, fixed seeds) and take the
+same number of optimizer steps on the same number of training episodes per collection:
+
+* DAgger: per-turn teacher probability beta decays linearly 1 -> 0; the env's expert labels every
+  visited state; cross-entropy on the aggregated labels; stops collecting at the label budget.
+* BC: beta = 1 throughout (teacher-only episodes), the same label budget, the same training.
+* GRPO: outcome reward only (no labels), groups of episodes per seed.
+
+Success is measured on held-out seeds (never trained on) with the student alone, sampling at the
+rollout temperature as it does in training (``success``) and greedily (``success_greedy``).
+Ends with ``dagger_vs_bc: dagger_success=D bc_success=B grpo_success=G labels=N`` and writes the
+success-vs-labels plot (docs/dagger_success_vs_labels.png).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+ENVS = {
+    "calculator": {"name": "calculator", "ops": ["+"], "min_operand": 10, "max_operand": 99, "max_turns": 4,
+                   "max_action_tokens": 14},
+    "guess": {"name": "guess", "high": 15, "max_turns": 5, "max_action_tokens": 4},
+}
+
+
+def method_config(method: str, a: argparse.Namespace):
+    from relaxrl.algorithms.dagger import DAggerConfig
+
+    common = dict(episodes_per_iter=a.episodes_per_iter, steps_per_iter=a.steps_per_iter, batch_size=a.batch_size,
+                  eval_episodes=a.eval_episodes, eval_every=a.eval_every, buffer_size=a.buffer_size)
+    if method == "dagger":
+        return DAggerConfig(beta_schedule="linear", beta_start=1.0, beta_end=0.0, beta_decay_iters=a.decay_iters,
+                            label_budget=a.labels, **common)
+    if method == "bc":
+        return DAggerConfig(beta_schedule="constant", beta_start=1.0, label_budget=a.labels, **common)
+    return DAggerConfig(teacher="none", beta_start=0.0, beta_end=0.0, ce_weight=0.0, grpo_weight=1.0,
+                        group_size=a.grpo_group, **common)
+
+
+def run_method(method: str, a: argparse.Namespace, model_dir: str) -> dict:
+    import torch
+
+    from relaxrl.episodic.local import LocalEpisodes
+
+    torch.set_num_threads(1)
+    t0, c0 = time.time(), time.process_time()
+    runner = LocalEpisodes(model_dir, ENVS[a.env], method_config(method, a), lr=a.lr, seed=a.seed,
+                           micro_batch_size=a.batch_size)
+    res = runner.run(a.steps)
+    return {"method": method, "labels": res.labels, "episodes": res.episodes, "curve": res.curve,
+            "final": res.final, "evicted": res.evicted, "labels_dropped": res.labels_dropped,
+            "wall_s": time.time() - t0, "cpu_s": time.process_time() - c0}
+
+
+def plot(results: dict, a: argparse.Namespace, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    styles = {"dagger": ("DAgger", "C0"), "bc": ("BC (teacher-only episodes)", "C1"), "grpo": ("GRPO (outcome only)", "C2")}
+    for m, r in results.items():
+        name, color = styles[m]
+        xs = [p["labels"] for p in r["curve"]]
+        steps = [p["step"] for p in r["curve"]]
+        ys = [p["success"] for p in r["curve"]]
+        if m == "grpo":
+            left.axhline(r["final"]["success"], color=color, ls="--", label=f"{name}: 0 labels, same steps")
+        else:
+            left.plot(xs, ys, "o-", color=color, label=name)
+        right.plot(steps, ys, "o-", color=color, label=name)
+    left.set_xlabel("teacher labels collected")
+    left.set_ylabel("held-out success (student alone)")
+    left.set_title(f"{a.env}: success vs teacher labels")
+    right.set_xlabel("optimizer steps")
+    right.set_title("success vs steps (same steps for all)")
+    for ax in (left, right):
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--env", choices=sorted(ENVS), default="guess")
+    p.add_argument("--labels", type=int, default=600, help="teacher-label budget of DAgger and BC")
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps of every method")
+    p.add_argument("--episodes-per-iter", type=int, default=16)
+    p.add_argument("--steps-per-iter", type=int, default=5)
+    p.add_argument("--decay-iters", type=int, default=10, help="DAgger: iterations for beta 1 -> 0")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--buffer-size", type=int, default=4096)
+    p.add_argument("--grpo-group", type=int, default=8)
+    p.add_argument("--eval-episodes", type=int, default=128)
+    p.add_argument("--eval-every", type=int, default=8, help="collections between held-out evaluations")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--methods", default="dagger,bc,grpo")
+    p.add_argument("--workers", type=int, default=2, help="methods run in parallel processes")
+    p.add_argument("--plot", default="docs/dagger_success_vs_labels.png")
+    p.add_argument("--json", default="", help="also write the results here")
+    p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/relaxrl/models"))
+    a = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    from relaxrl.models.loading import prepare_tiny_model_dir
+
+    model_dir = prepare_tiny_model_dir(cache_dir=a.cache_dir, model_kwargs={"seed": a.seed}, warm_start_pairs_fn=None,
+                                       warm_start={}, key_extra={"purpose": "dagger_bench"})
+    methods = a.methods.split(",")
+    t0 = time.time()
+    with ProcessPoolExecutor(max_workers=a.workers) as pool:
+        futures = {m: pool.submit(run_method, m, a, model_dir) for m in methods}
+        results = {m: f.result() for m, f in futures.items()}
+    print(f"{'method':8} {'labels':>7} {'episodes':>8} {'success':>8} {'greedy':>7} {'cpu_s':>7}")
+    for m, r in results.items():
+        f = r["final"]
+        print(f"{m:8} {r['labels']:7d} {r['episodes']:8d} {f['success']:8.3f} {f['success_greedy']:7.3f} "
+              f"{r['cpu_s']:7.1f}")
+    for m, r in results.items():
+        print(f"curve {m}: " + " ".join(f"{p['labels']}:{p['success']:.2f}/{p['success_greedy']:.2f}"
+                                          for p in r["curve"]))
+    if a.plot:
+        plot(results, a, a.plot)
+        print(f"plot: {a.plot}")
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump({"args": vars(a), "results": results}, fh, indent=1)
+    succ = {m: results[m]["final"]["success"] if m in results else float("nan") for m in ("dagger", "bc", "grpo")}
+    labels = results.get("dagger", results.get("bc", {})).get("labels", 0)
+    print(f"bench wall_s={time.time() - t0:.0f}")
+    print(f"dagger_vs_bc: dagger_success={succ['dagger']:.3f} bc_success={succ['bc']:.3f} "
+          f"grpo_success={succ['grpo']:.3f} labels={labels}")
+
+
+if __name__ == "__main__":
+    main()
