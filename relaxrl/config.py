@@ -106,6 +106,7 @@ class RewardConfig:
     max_workers: int = 8  # verifier threads per replica
     on_error: str = "drop"  # drop: the group is dropped and counted; zero: reward = error_reward
     error_reward: float = 0.0
+    simulated_latency_s: float = 0.0  # a verifier that waits this long per group (benchmarks)
 
 
 @dataclass

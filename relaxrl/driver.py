@@ -23,7 +23,7 @@ from relaxrl.launch import Roles
 from relaxrl.metrics import first_last_mean, overlap_length, total_length
 from relaxrl.monitor import Monitor
 from relaxrl.queue import group_name
-from relaxrl.services.rollout import GroupRequest
+from relaxrl.groups import GroupRequest
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +48,8 @@ class RunResult:
     steps: int = 0
     wall_s: float = 0.0
     rewards: list[float] = field(default_factory=list)
-    train_intervals: list[tuple[float, float]] = field(default_factory=list)
-    gen_intervals: list[tuple[float, float]] = field(default_factory=list)
+    # Busy intervals (wall clock) per stage: gen, weights (rollout load), reward, teacher, train, publish.
+    stage_intervals: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
     queue: dict = field(default_factory=dict)
     producer_errors: int = 0
     checkpoint: Optional[str] = None
@@ -57,9 +57,11 @@ class RunResult:
 
     def summary(self) -> dict:
         first, last = first_last_mean(self.rewards)
-        gen, train = total_length(self.gen_intervals), total_length(self.train_intervals)
-        both = overlap_length(self.gen_intervals, self.train_intervals)
+        gen_iv, train_iv = self.stage_intervals.get("gen", []), self.stage_intervals.get("train", [])
+        gen, train = total_length(gen_iv), total_length(train_iv)
+        both = overlap_length(gen_iv, train_iv)
         wall = max(self.wall_s, 1e-9)
+        steps = max(self.steps, 1)
         return {
             "steps": self.steps,
             "wall_s": self.wall_s,
@@ -71,6 +73,8 @@ class RunResult:
             "gen_busy_frac": gen / wall,
             "train_busy_frac": train / wall,
             "overlap_frac": both / wall,
+            # Seconds each stage was busy per step (union of its intervals), for the benchmarks.
+            "stage_s_per_step": {k: total_length(v) / steps for k, v in sorted(self.stage_intervals.items())},
             "staleness_hist": self.queue.get("staleness_hist", {}),
             "checkpoint": self.checkpoint,
             "producer_errors": self.producer_errors,
@@ -88,16 +92,12 @@ async def produce(roles: Roles, tasks: TaskStream, cfg: DictConfig, prompt_ids: 
                                domain=task.domain, env=cfg.env.name, answer=task.answer,
                                seed=cfg.seed * 1_000_003 + seq)
         try:
-            # Serve resolves a response passed to another handle without routing data via here.
+            # Serve resolves a response passed to another handle, and Ray an ObjectRef passed to an
+            # actor, so samples go rollout → reward → (teacher) → queue without passing through here.
             samples = roles.reward.score.remote(roles.rollout.generate.remote(request), task)
             if roles.teacher is not None:
                 samples = roles.teacher.score.remote(samples)
-            samples = await samples
-            failed = [s.reward_info["error"] for s in samples if s.reward is None]
-            if failed:
-                await roles.queue.abandon.remote(gid, failed[0])
-            else:
-                await roles.queue.put.remote(samples)
+            await roles.queue.put.remote(await samples._to_object_ref())
         except Exception as e:  # a failed role call drops the group, counted; never silently
             stats.producer_errors += 1
             log.warning("group %s failed: %s", gid, e)
@@ -113,7 +113,8 @@ async def train(roles: Roles, cfg: DictConfig, monitor: Monitor, stats: RunResul
         await roles.queue.set_version.remote(metrics["version"])
         stats.steps = step
         stats.rewards.append(metrics["reward_mean"])
-        stats.train_intervals.append((metrics["train_start"], metrics["train_end"]))
+        for stage in ("train", "publish"):
+            stats.stage_intervals.setdefault(stage, []).append((metrics[f"{stage}_start"], metrics[f"{stage}_end"]))
         elapsed = time.time() - t0
         metrics["samples_per_s"] = step * cfg.rollout.groups_per_step * cfg.rollout.group_size / elapsed
         metrics["wall_s"] = elapsed
@@ -138,7 +139,7 @@ async def run(roles: Roles, cfg: DictConfig, env: Any, prompt_ids: Any, monitor:
     if cfg.trainer.save_final:
         stats.checkpoint = await roles.actor.save_checkpoint.remote(f"{cfg.run_dir}/checkpoints/final")
     stats.queue = await roles.queue.metrics.remote()
-    stats.gen_intervals = await roles.queue.gen_intervals.remote()
+    stats.stage_intervals.update(await roles.queue.stage_intervals.remote())
     stats.published = await roles.weights.info.remote()
     await roles.queue.check_accounting.remote()
     return stats

@@ -143,7 +143,7 @@ def start_roles(cfg: DictConfig, model_dir: str, required_fields: tuple[str, ...
         ),
         "reward": Reward.options(num_replicas=rw.num_replicas, ray_actor_options={"num_cpus": rw.num_cpus}).bind(
             plain(cfg.env), timeout_s=rw.timeout_s, max_workers=rw.max_workers,
-            on_error=rw.on_error, error_reward=rw.error_reward,
+            on_error=rw.on_error, error_reward=rw.error_reward, simulated_latency_s=rw.simulated_latency_s,
         ),
         "actor": Actor.options(
             num_replicas=1, ray_actor_options={"num_cpus": tr.num_cpus, "num_gpus": tr.num_gpus}

@@ -70,7 +70,8 @@ class StalenessQueue:
         self.dropped_groups = 0
         self.dropped: Counter[str] = Counter()  # samples by reason
         self.staleness_hist: Counter[int] = Counter()  # trained samples by staleness
-        self.gen_intervals: list[tuple[float, float]] = []  # busy intervals reported by rollouts
+        # Busy intervals per stage ("gen", "reward", ...) from samples' ``<stage>_start/_end`` timings.
+        self.stage_intervals: dict[str, list[tuple[float, float]]] = {}
 
     # --- admission ---------------------------------------------------------------------------
     def capacity(self) -> int:
@@ -102,8 +103,7 @@ class StalenessQueue:
                 raise QueueError(f"sample {s.uid}: index {s.index} outside group of {self.group_size}")
             self._seen_uids.add(s.uid)
             group.samples[s.index] = s
-            if s.timings.get("gen_end"):
-                self._note_interval(s.timings["gen_start"], s.timings["gen_end"])
+            self._note_intervals(s.timings)
         for gid in {s.group_id for s in samples}:
             self._maybe_complete(gid)
 
@@ -116,8 +116,12 @@ class StalenessQueue:
         group = self._groups[gid]
         if len(group.samples) < self.group_size:
             return
+        # A verifier error or timeout leaves reward None and says why: drop under that reason.
+        errors = [s.reward_info["error"] for s in group.samples.values() if s.reward is None and "error" in s.reward_info]
         missing = sorted({f for s in group.samples.values() for f in s.missing(self.required_fields)})
-        if missing:
+        if errors:
+            self._drop(gid, errors[0])
+        elif missing:
             self._drop(gid, "missing_" + "_".join(missing))
         elif self.version - group.min_version() > self.max_staleness:
             self._drop(gid, "stale")
@@ -131,9 +135,12 @@ class StalenessQueue:
         self.dropped[reason] += self.group_size
         log.warning("dropped group %s (%s)", gid, reason)
 
-    def _note_interval(self, start: float, end: float) -> None:
-        if not self.gen_intervals or self.gen_intervals[-1] != (start, end):
-            self.gen_intervals.append((start, end))
+    def _note_intervals(self, timings: dict[str, float]) -> None:
+        for key, start in timings.items():
+            if key.endswith("_start") and (end := timings.get(key[:-6] + "_end")) is not None:
+                seen = self.stage_intervals.setdefault(key[:-6], [])
+                if not seen or seen[-1] != (start, end):  # samples of one batch share an interval
+                    seen.append((start, end))
 
     # --- trainer ---------------------------------------------------------------------------------
     def ready_groups(self) -> int:
@@ -253,8 +260,8 @@ class QueueActor:
     def metrics(self) -> dict:
         return self.q.metrics()
 
-    def gen_intervals(self) -> list[tuple[float, float]]:
-        return list(self.q.gen_intervals)
+    def stage_intervals(self) -> dict[str, list[tuple[float, float]]]:
+        return self.q.stage_intervals
 
     def check_accounting(self) -> None:
         self.q.check_accounting()

@@ -60,7 +60,8 @@ def run_experiment(cfg: DictConfig) -> dict:
     print(
         f"relaxrl overlap: gen_busy={summary['gen_busy_frac']:.3f} train_busy={summary['train_busy_frac']:.3f} "
         f"both_busy={summary['overlap_frac']:.3f} staleness_hist={summary['staleness_hist']} "
-        f"dropped_by_reason={summary['dropped_by_reason']}"
+        f"dropped_by_reason={summary['dropped_by_reason']} "
+        f"stage_ms_per_step={ {k: round(v * 1000, 1) for k, v in summary['stage_s_per_step'].items()} }"
     )
     print(summary_line(summary), flush=True)
     return summary

@@ -71,7 +71,9 @@ class Actor:
         batch = self.algorithm.prepare(collate(samples, self.pad_id))
         metrics = await asyncio.to_thread(self.engine.train_step, batch, self.algorithm.loss)
         end = time.time()
-        publish_s = await self._publish()
+        publish_start = time.time()
+        await self._publish()
+        publish_end = time.time()
         rewards = [s.reward for s in samples]
         staleness = [trained_on - s.policy_version for s in samples]
         return {
@@ -85,17 +87,17 @@ class Actor:
             "response_len_mean": sum(len(s.response_ids) for s in samples) / len(samples),
             "train_start": start,
             "train_end": end,
-            "publish_s": publish_s,
+            "publish_start": publish_start,
+            "publish_end": publish_end,
+            "publish_s": publish_end - publish_start,
         }
 
-    async def _publish(self) -> float:
+    async def _publish(self) -> None:
         if self.store is None:
-            return 0.0
-        t0 = time.perf_counter()
+            return
         payload = self.engine.export_weights()
         ref = ray.put(payload)
         await self.store.publish.remote(payload.version, [ref], payload.kind, payload.nbytes)
-        return time.perf_counter() - t0
 
     async def save_checkpoint(self, path: str) -> str:
         os.makedirs(path, exist_ok=True)

@@ -33,15 +33,19 @@ class WeightFollower:
         self.sync_s = 0.0  # time spent loading weights, for the benchmarks
         self.loads = 0
 
-    async def sync(self) -> None:
+    async def sync(self) -> dict[str, float]:
+        """Load the newest weights if there are newer ones; returns the load's wall-clock
+        interval as ``{"weights_start", "weights_end"}`` timings (empty if nothing was loaded)."""
         if self.store is None:
-            return
+            return {}
         newer = await self.store.newer_than.remote(self.engine.version)
         if newer is None:
-            return
-        t0 = time.perf_counter()
+            return {}
+        start = time.time()
         _, (ref,) = newer
         payload = await ref
         self.engine.load_weights(payload)
-        self.sync_s += time.perf_counter() - t0
+        end = time.time()
+        self.sync_s += end - start
         self.loads += 1
+        return {"weights_start": start, "weights_end": end}

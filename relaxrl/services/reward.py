@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from ray import serve
@@ -15,7 +16,7 @@ from relaxrl.services.common import quiet_replica_logs
 @serve.deployment(max_ongoing_requests=64)
 class Reward:
     def __init__(self, env: dict, *, timeout_s: float = 10.0, max_workers: int = 8,
-                 on_error: str = "drop", error_reward: float = 0.0) -> None:
+                 on_error: str = "drop", error_reward: float = 0.0, simulated_latency_s: float = 0.0) -> None:
         from relaxrl.envs.registry import make_env
 
         if on_error not in ("drop", "zero"):
@@ -25,12 +26,20 @@ class Reward:
         self.timeout_s = timeout_s
         self.on_error = on_error
         self.error_reward = error_reward
+        self.simulated_latency_s = simulated_latency_s
         # A hung verifier keeps its thread; the pool is sized so others go on meanwhile.
         self.pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="verifier")
 
     async def score(self, samples: list[Sample], task: Task) -> list[Sample]:
         """Samples with ``reward`` set; a failed verification leaves it None (or error_reward)."""
-        return list(await asyncio.gather(*(self._score_one(s, task) for s in samples)))
+        start = time.time()
+        if self.simulated_latency_s > 0:
+            # Stands in for a verifier that waits (sandboxed code run, tool call, judge model):
+            # I/O-bound, so it costs wall time but no CPU. Used by the benchmarks, named there.
+            await asyncio.sleep(self.simulated_latency_s)
+        scored = await asyncio.gather(*(self._score_one(s, task) for s in samples))
+        end = time.time()
+        return [s.replace(timings={**s.timings, "reward_start": start, "reward_end": end}) for s in scored]
 
     async def _score_one(self, sample: Sample, task: Task) -> Sample:
         loop = asyncio.get_running_loop()

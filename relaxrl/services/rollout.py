@@ -4,25 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
 from typing import Optional
 
 from ray import serve
 
 from relaxrl.engines.base import SamplingParams
+from relaxrl.groups import GroupRequest, prompts_of, samples_from_generations
 from relaxrl.sample import Sample
 from relaxrl.services.common import WeightFollower, quiet_replica_logs, set_threads
-
-
-@dataclass
-class GroupRequest:
-    group_id: str
-    prompt_ids: list[int]
-    n: int
-    domain: str = "default"
-    env: str = ""
-    answer: Optional[str] = None
-    seed: Optional[int] = None
 
 
 @serve.deployment(max_ongoing_requests=64)
@@ -60,41 +49,12 @@ class Rollout:
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def _generate_batch(self, requests: list[GroupRequest]) -> list[list[Sample]]:
         # Weights change only between batches, so every sample of a batch has one version.
-        await self.weights.sync()
-        prompts = [r.prompt_ids for r in requests for _ in range(r.n)]
-        seed = requests[0].seed
-        params = SamplingParams(seed=seed, **self.sampling)
+        loaded = await self.weights.sync()
+        params = SamplingParams(seed=requests[0].seed, **self.sampling)
         start = time.time()
-        gens = await asyncio.to_thread(self.engine.generate, prompts, params)
-        end = time.time()
-        tok = self.engine.tokenizer
-        out, i = [], 0
-        for r in requests:
-            group = []
-            for k in range(r.n):
-                g = gens[i]
-                i += 1
-                text_ids = g.response_ids[:-1] if g.finish_reason == "stop" else g.response_ids
-                group.append(
-                    Sample(
-                        uid=f"{r.group_id}/{k}",
-                        group_id=r.group_id,
-                        index=k,
-                        prompt_ids=list(r.prompt_ids),
-                        domain=r.domain,
-                        env=r.env,
-                        answer=r.answer,
-                        response_ids=g.response_ids,
-                        loss_mask=[1] * len(g.response_ids),
-                        behaviour_logprobs=g.logprobs,
-                        policy_version=self.engine.version,
-                        finish_reason=g.finish_reason,
-                        response_text=tok.decode(text_ids, skip_special_tokens=True),
-                        timings={"gen_start": start, "gen_end": end},
-                    )
-                )
-            out.append(group)
-        return out
+        gens = await asyncio.to_thread(self.engine.generate, prompts_of(requests), params)
+        timings = {**loaded, "gen_start": start, "gen_end": time.time()}
+        return samples_from_generations(requests, gens, self.engine.tokenizer, self.engine.version, timings)
 
     def stats(self) -> dict:
         return {"version": self.engine.version, "weight_loads": self.weights.loads, "sync_s": self.weights.sync_s}

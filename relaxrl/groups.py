@@ -1,0 +1,65 @@
+"""Prompt groups and the samples built from their generations (no Ray: shared by the rollout role
+and by the bare single-process loop the benchmarks compare against)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+from relaxrl.engines.base import Generation
+from relaxrl.sample import Sample
+
+
+@dataclass
+class GroupRequest:
+    group_id: str
+    prompt_ids: list[int]
+    n: int
+    domain: str = "default"
+    env: str = ""
+    answer: Optional[str] = None
+    seed: Optional[int] = None
+
+
+def prompts_of(requests: Sequence[GroupRequest]) -> list[list[int]]:
+    """One prompt per sample: each request's prompt repeated ``n`` times, in request order."""
+    return [r.prompt_ids for r in requests for _ in range(r.n)]
+
+
+def samples_from_generations(
+    requests: Sequence[GroupRequest],
+    gens: Sequence[Generation],
+    tokenizer: Any,
+    version: int,
+    timings: dict[str, float],
+) -> list[list[Sample]]:
+    """Split the generations of ``prompts_of(requests)`` back into one sample group per request."""
+    if len(gens) != sum(r.n for r in requests):
+        raise ValueError(f"{len(gens)} generations for {sum(r.n for r in requests)} requested samples")
+    out, it = [], iter(gens)
+    for r in requests:
+        group = []
+        for k in range(r.n):
+            g = next(it)
+            # The verifier sees the text without the EOS token the model stopped on.
+            text_ids = g.response_ids[:-1] if g.finish_reason == "stop" else g.response_ids
+            group.append(
+                Sample(
+                    uid=f"{r.group_id}/{k}",
+                    group_id=r.group_id,
+                    index=k,
+                    prompt_ids=list(r.prompt_ids),
+                    domain=r.domain,
+                    env=r.env,
+                    answer=r.answer,
+                    response_ids=g.response_ids,
+                    loss_mask=[1] * len(g.response_ids),
+                    behaviour_logprobs=g.logprobs,
+                    policy_version=version,
+                    finish_reason=g.finish_reason,
+                    response_text=tokenizer.decode(text_ids, skip_special_tokens=True),
+                    timings=dict(timings),
+                )
+            )
+        out.append(group)
+    return out
