@@ -14,6 +14,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from relaxrl.algorithms.grpo import GRPOConfig
+from relaxrl.engines.options import DeepSpeedOptions, VLLMOptions
 from relaxrl.models.lora import LoraConfig
 
 
@@ -96,6 +97,8 @@ class RolloutConfig:
     torch_threads: int = 1
     batch_max_groups: int = 8  # Serve request batching: groups merged into one generate call
     batch_wait_s: float = 0.005
+    engine: str = "hf"  # hf (transformers, embedded default) | vllm (production; see docs/engines.md)
+    vllm: VLLMOptions = field(default_factory=VLLMOptions)  # used when engine=vllm
 
 
 @dataclass
@@ -136,6 +139,9 @@ class TrainerConfig:
     checkpoint_every: int = 0  # steps between checkpoints; 0: only the final one
     save_final: bool = True
     get_batch_timeout_s: float = 600.0  # fail loudly instead of waiting forever for data
+    engine: str = "torch"  # torch (embedded default) | deepspeed (production; see docs/engines.md)
+    num_ranks: int = 1  # data-parallel trainer ranks, one placement-group bundle (num_gpus each) per rank
+    deepspeed: DeepSpeedOptions = field(default_factory=DeepSpeedOptions)  # used when engine=deepspeed
 
 
 @dataclass

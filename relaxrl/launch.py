@@ -109,6 +109,7 @@ def start_roles(cfg: DictConfig, model_dir: str, required_fields: tuple[str, ...
     from relaxrl.services.actor import Actor
     from relaxrl.services.reward import Reward
     from relaxrl.services.rollout import Rollout
+    from relaxrl.services.placement import rollout_options, trainer_options
     from relaxrl.services.teacher import Teacher
 
     run_id = uuid.uuid4().hex[:8]
@@ -127,10 +128,7 @@ def start_roles(cfg: DictConfig, model_dir: str, required_fields: tuple[str, ...
     lora = plain(cfg.model.lora) if cfg.model.lora.enabled else None
     r, rw, t, tr = cfg.rollout, cfg.reward, cfg.teacher, cfg.trainer
     apps = {
-        "rollout": Rollout.options(
-            num_replicas=r.num_replicas,
-            ray_actor_options={"num_cpus": r.num_cpus, "num_gpus": r.num_gpus},
-        ).bind(
+        "rollout": Rollout.options(num_replicas=r.num_replicas, **rollout_options(r)).bind(
             model_dir,
             sampling={"temperature": r.temperature, "top_p": r.top_p, "max_new_tokens": r.max_new_tokens},
             lora=lora,
@@ -140,14 +138,15 @@ def start_roles(cfg: DictConfig, model_dir: str, required_fields: tuple[str, ...
             namespace=ns,
             batch_max_groups=r.batch_max_groups,
             batch_wait_s=r.batch_wait_s,
+            engine=r.engine,
+            vllm=plain(r.vllm),
+            seed=cfg.seed,
         ),
         "reward": Reward.options(num_replicas=rw.num_replicas, ray_actor_options={"num_cpus": rw.num_cpus}).bind(
             plain(cfg.env), timeout_s=rw.timeout_s, max_workers=rw.max_workers,
             on_error=rw.on_error, error_reward=rw.error_reward, simulated_latency_s=rw.simulated_latency_s,
         ),
-        "actor": Actor.options(
-            num_replicas=1, ray_actor_options={"num_cpus": tr.num_cpus, "num_gpus": tr.num_gpus}
-        ).bind(
+        "actor": Actor.options(num_replicas=1, **trainer_options(tr)).bind(
             model_dir,
             algorithm=plain(cfg.algorithm),
             trainer=plain(tr),

@@ -88,6 +88,26 @@ def _redispatch_cpu_lm_head(model: Any) -> None:
     dispatch_cpu_unquantized_gemm(lm_head, remove_weight=False)
 
 
+def _worker_join_weight_group(self, host: str, port: int, world_size: int, rank_offset: int) -> int:
+    """Join the NCCL weight-sync group as rank ``rank_offset + tensor-parallel rank``."""
+    from relaxrl.engines.weight_sync import nccl_group
+
+    rank = rank_offset + int(self.rank)
+    self._relaxrl_broadcast = nccl_group(host, port, rank, world_size, self.device)
+    return rank
+
+
+def _worker_receive_weights(self, plan) -> int:
+    """Receive one weight version bucket by bucket and load it in place (each TP worker takes
+    its shard through the model's weight loaders)."""
+    from relaxrl.engines.weight_sync import receive_weights
+
+    model = self.model_runner.model
+    loaded = model.load_weights(weights=receive_weights(plan, self._relaxrl_broadcast, self.device))
+    _redispatch_cpu_lm_head(model)
+    return len(loaded or ())
+
+
 class VLLMGenerationEngine:
     """Implements ``GenerationEngine`` on ``vllm.LLM`` (offline batched generation)."""
 
@@ -202,6 +222,19 @@ class VLLMGenerationEngine:
             self.llm.collective_rpc(_worker_load_full, args=(payload.blob,))
         self.llm.reset_prefix_cache()
         self.version = int(payload.version)
+
+    def join_weight_group(self, host: str, port: int, world_size: int, rank_offset: int = 1) -> None:
+        """Every worker joins the NCCL group trainer rank 0 broadcasts on (GPU only; blocks until
+        all ``world_size`` members joined, so the trainer must join concurrently)."""
+        self.llm.collective_rpc(_worker_join_weight_group, args=(host, port, world_size, rank_offset))
+
+    def receive_weights(self, plan, version: int) -> None:
+        """Receive full weights broadcast by ``weight_sync.send_weights`` (same plan) in place."""
+        if self.lora_on:
+            raise ValueError("NCCL sync carries full weights; this engine serves a LoRA adapter (use load_weights)")
+        self.llm.collective_rpc(_worker_receive_weights, args=(plan,))
+        self.llm.reset_prefix_cache()
+        self.version = int(version)
 
     def load_state_iterator(self, tensors, version: int) -> None:
         """Load already-materialised (e.g. NCCL-received) full weights ``(name, tensor)`` in place.

@@ -30,15 +30,13 @@ class Actor:
         namespace: str = "relaxrl",
     ) -> None:
         from relaxrl.algorithms import make_algorithm
-        from relaxrl.engines.torch_trainer import TorchTrainerEngine
+        from relaxrl.engines.factory import make_trainer_engine
         from relaxrl.models.loading import load_tokenizer
-        from relaxrl.models.lora import LoraConfig
 
         quiet_replica_logs()
         set_threads(trainer.get("torch_threads", 1))
         self.algorithm = make_algorithm(algorithm)
-        self.engine = TorchTrainerEngine.from_pretrained(
-            model_dir,
+        engine_kwargs = dict(
             dtype=dtype,
             lr=trainer["lr"],
             weight_decay=trainer["weight_decay"],
@@ -48,10 +46,19 @@ class Actor:
             warmup_steps=trainer["warmup_steps"],
             micro_batch_size=trainer["micro_batch_size"],
             temperature=temperature,
-            lora=LoraConfig(**lora) if lora else None,
+            lora=lora,
             seed=seed,
             torch_threads=trainer.get("torch_threads", 1),
         )
+        engine = trainer.get("engine", "torch")
+        if engine == "deepspeed":
+            engine_kwargs["deepspeed"] = trainer.get("deepspeed")
+        if int(trainer.get("num_ranks", 1)) > 1:  # data-parallel ranks in this replica's placement group
+            from relaxrl.services.trainer_group import TrainerGroup
+
+            self.engine = TrainerGroup(engine, model_dir, int(trainer["num_ranks"]), engine_kwargs)
+        else:
+            self.engine = make_trainer_engine(engine, model_dir, **engine_kwargs)
         self.pad_id = load_tokenizer(model_dir).pad_token_id
         self.store = ray.get_actor(store_name, namespace=namespace) if store_name else None
         self.trained_uids: set[str] = set()
@@ -72,7 +79,7 @@ class Actor:
         metrics = await asyncio.to_thread(self.engine.train_step, batch, self.algorithm.loss)
         end = time.time()
         publish_start = time.time()
-        await self._publish()
+        publish_bytes = await self._publish()
         publish_end = time.time()
         rewards = [s.reward for s in samples]
         staleness = [trained_on - s.policy_version for s in samples]
@@ -90,14 +97,16 @@ class Actor:
             "publish_start": publish_start,
             "publish_end": publish_end,
             "publish_s": publish_end - publish_start,
+            "publish_bytes": publish_bytes,
         }
 
-    async def _publish(self) -> None:
+    async def _publish(self) -> int:
         if self.store is None:
-            return
+            return 0
         payload = self.engine.export_weights()
         ref = ray.put(payload)
         await self.store.publish.remote(payload.version, [ref], payload.kind, payload.nbytes)
+        return payload.nbytes
 
     async def save_checkpoint(self, path: str) -> str:
         os.makedirs(path, exist_ok=True)

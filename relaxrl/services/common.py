@@ -32,6 +32,7 @@ class WeightFollower:
         self.store = ray.get_actor(store_name, namespace=namespace) if store_name else None
         self.sync_s = 0.0  # time spent loading weights, for the benchmarks
         self.loads = 0
+        self.sync_bytes = 0  # payload bytes loaded, for the benchmarks
 
     async def sync(self) -> dict[str, float]:
         """Load the newest weights if there are newer ones; returns the load's wall-clock
@@ -48,4 +49,5 @@ class WeightFollower:
         end = time.time()
         self.sync_s += end - start
         self.loads += 1
+        self.sync_bytes += payload.nbytes
         return {"weights_start": start, "weights_end": end}

@@ -28,15 +28,17 @@ class Rollout:
         namespace: str = "relaxrl",
         batch_max_groups: int = 8,
         batch_wait_s: float = 0.005,
+        engine: str = "hf",
+        vllm: Optional[dict] = None,
+        seed: int = 0,
     ) -> None:
-        from relaxrl.engines.hf_generation import HFGenerationEngine
-        from relaxrl.models.lora import LoraConfig
+        from relaxrl.engines.factory import check_sampling, make_generation_engine
 
         quiet_replica_logs()
         set_threads(torch_threads)
-        lora_cfg = LoraConfig(**lora) if lora else None
-        self.engine = HFGenerationEngine.from_pretrained(
-            model_dir, lora=lora_cfg, dtype=dtype, torch_threads=torch_threads
+        check_sampling(engine, sampling)
+        self.engine = make_generation_engine(
+            engine, model_dir, lora=lora, dtype=dtype, torch_threads=torch_threads, vllm=vllm, seed=seed
         )
         self.weights = WeightFollower(self.engine, store_name, namespace)
         self.sampling = sampling
@@ -57,4 +59,5 @@ class Rollout:
         return samples_from_generations(requests, gens, self.engine.tokenizer, self.engine.version, timings)
 
     def stats(self) -> dict:
-        return {"version": self.engine.version, "weight_loads": self.weights.loads, "sync_s": self.weights.sync_s}
+        return {"version": self.engine.version, "weight_loads": self.weights.loads, "sync_s": self.weights.sync_s,
+                "sync_bytes": self.weights.sync_bytes}
