@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from relaxrl.engines.options import GENERATION_ENGINES, TRAINER_ENGINES, check_engine
+
 
 def rollout_options(rollout: Any) -> dict:
     """Serve options of one rollout replica.
@@ -18,6 +20,7 @@ def rollout_options(rollout: Any) -> dict:
     ``tp > 1``: bundle 0 holds the replica (CPU only), bundles 1..tp one GPU each for vLLM's Ray
     workers, packed on one node (tensor parallelism needs NVLink/PCIe peers, not the network).
     """
+    check_engine("rollout", rollout.engine, GENERATION_ENGINES)
     cpus, gpus = float(rollout.num_cpus), float(rollout.num_gpus)
     tp = int(rollout.vllm.tensor_parallel_size) if rollout.engine == "vllm" else 1
     if tp <= 1:
@@ -36,6 +39,7 @@ def rollout_options(rollout: Any) -> dict:
 
 def trainer_options(trainer: Any) -> dict:
     """Serve options of the actor replica: one bundle per data-parallel rank (rank 0 = the replica)."""
+    check_engine("trainer", trainer.engine, TRAINER_ENGINES)
     cpus, gpus, ranks = float(trainer.num_cpus), float(trainer.num_gpus), int(trainer.num_ranks)
     if ranks < 1:
         raise ValueError(f"trainer.num_ranks must be >= 1, got {ranks}")

@@ -50,13 +50,12 @@ class TrainerGroup:
             )
         addr, port = ray.util.get_node_ip_address(), free_port()
         bundle = pg.bundle_specs[0]
-        remote = ray.remote(TrainerRank).options(
-            num_cpus=bundle.get("CPU", 0), num_gpus=bundle.get("GPU", 0),
-            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0),
-        )
+        rank_cls = ray.remote(TrainerRank)
         self.ranks = [
-            remote.options(scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r))
-            .remote(_dist_env(r, world_size, addr, port), engine, model_dir, kwargs)
+            rank_cls.options(
+                num_cpus=bundle.get("CPU", 0), num_gpus=bundle.get("GPU", 0),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r),
+            ).remote(_dist_env(r, world_size, addr, port), engine, model_dir, kwargs)
             for r in range(1, world_size)
         ]
         os.environ.update(_dist_env(0, world_size, addr, port))
