@@ -14,7 +14,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from relaxrl.algorithms.grpo import GRPOConfig
-from relaxrl.engines.options import DeepSpeedOptions, VLLMOptions
+from relaxrl.engines.options import DeepSpeedOptions, VLLMOptions, WeightSyncOptions
 from relaxrl.models.lora import LoraConfig
 
 
@@ -167,6 +167,7 @@ class Config:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    weight_sync: WeightSyncOptions = field(default_factory=WeightSyncOptions)  # trainer -> rollout weights
 
 
 def register_configs() -> None:

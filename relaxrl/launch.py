@@ -6,7 +6,7 @@ import logging
 import os
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import ray
@@ -80,6 +80,7 @@ class Roles:
     teacher: Optional[Any]
     queue: Any  # ActorHandle of QueueActor
     weights: Any  # ActorHandle of WeightStore
+    extra_actors: list = field(default_factory=list)  # e.g. the broadcast weight-sync coordinator
 
     def app_names(self) -> list[str]:
         roles = ["rollout", "reward", "actor"] + (["teacher"] if self.teacher is not None else [])
@@ -96,7 +97,7 @@ class Roles:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and set(names) & set(serve.status().applications):
             time.sleep(0.2)
-        for handle in (self.queue, self.weights):
+        for handle in (self.queue, self.weights, *self.extra_actors):
             ray.kill(handle)
 
 
@@ -107,6 +108,7 @@ def needs_teacher(cfg: DictConfig, required_fields: tuple[str, ...]) -> bool:
 def start_roles(cfg: DictConfig, model_dir: str, required_fields: tuple[str, ...]) -> Roles:
     """Deploy rollout, reward, actor (and teacher when needed) as separate Serve applications."""
     from relaxrl.services.actor import Actor
+    from relaxrl.services.broadcast_sync import SyncCoordinator, sync_settings
     from relaxrl.services.reward import Reward
     from relaxrl.services.rollout import Rollout
     from relaxrl.services.placement import rollout_options, trainer_options
@@ -127,6 +129,11 @@ def start_roles(cfg: DictConfig, model_dir: str, required_fields: tuple[str, ...
     )
     lora = plain(cfg.model.lora) if cfg.model.lora.enabled else None
     r, rw, t, tr = cfg.rollout, cfg.reward, cfg.teacher, cfg.trainer
+    sync = sync_settings(cfg, run_id)
+    extra = []
+    if sync is not None:
+        extra.append(ray.remote(SyncCoordinator).options(name=sync["coordinator"], namespace=ns, num_cpus=0)
+                     .remote(sync["world_size"]))
     apps = {
         "rollout": Rollout.options(num_replicas=r.num_replicas, **rollout_options(r)).bind(
             model_dir,
@@ -141,6 +148,7 @@ def start_roles(cfg: DictConfig, model_dir: str, required_fields: tuple[str, ...
             engine=r.engine,
             vllm=plain(r.vllm),
             seed=cfg.seed,
+            weight_sync=sync,
         ),
         "reward": Reward.options(num_replicas=rw.num_replicas, ray_actor_options={"num_cpus": rw.num_cpus}).bind(
             plain(cfg.env), timeout_s=rw.timeout_s, max_workers=rw.max_workers,
@@ -156,6 +164,7 @@ def start_roles(cfg: DictConfig, model_dir: str, required_fields: tuple[str, ...
             seed=cfg.seed,
             store_name=store_name(run_id),
             namespace=ns,
+            weight_sync=sync,
         ),
     }
     if needs_teacher(cfg, required_fields):
@@ -167,4 +176,4 @@ def start_roles(cfg: DictConfig, model_dir: str, required_fields: tuple[str, ...
         [serve.RunTarget(target=app, name=f"{n}-{run_id}", route_prefix=None) for n, app in apps.items()]
     )
     h = dict(zip(names, handles))
-    return Roles(run_id, h["rollout"], h["reward"], h["actor"], h.get("teacher"), queue, store)
+    return Roles(run_id, h["rollout"], h["reward"], h["actor"], h.get("teacher"), queue, store, extra)

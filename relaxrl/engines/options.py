@@ -35,10 +35,16 @@ class DeepSpeedOptions:
     dist_backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU
 
 
+SYNC_METHODS = ("object_store", "broadcast")
+
+
 @dataclass
 class WeightSyncOptions:
-    method: str = "object_store"  # object_store (any device) | nccl (GPU: trainer rank 0 -> rollout workers)
-    bucket_mb: float = 256.0  # tensors are packed into flat buckets of at most this size per broadcast
+    # object_store: the payload is put in Ray's object store once, replicas pull the newest (any device).
+    # broadcast: trainer rank 0 broadcasts bucketed full weights to every rollout replica each version.
+    method: str = "object_store"
+    backend: str = "auto"  # broadcast only: auto (nccl on CUDA, else gloo) | nccl | gloo
+    bucket_mb: float = 256.0  # broadcast only: flat buckets of at most this size, one collective each
 
 
 def check_engine(kind: str, name: str, valid: tuple[str, ...]) -> str:

@@ -14,6 +14,7 @@ runs over NCCL (vLLM's ``PyNcclCommunicator`` on a stateless group, see ``nccl_g
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping, Sequence
 
@@ -121,6 +122,33 @@ def torch_dist_broadcast(src: int = 0, group=None) -> Broadcast:
     import torch.distributed as dist
 
     return lambda t: dist.broadcast(t, src=src, group=group)
+
+
+def gloo_group(host: str, port: int, rank: int, world_size: int, timeout_s: float = 600.0) -> Broadcast:
+    """A ``Broadcast`` over a standalone gloo group (its own TCP store, rank 0 hosts it), independent of
+    any ``torch.distributed`` world the process is already in (e.g. DeepSpeed's). Blocks until all
+    ``world_size`` members joined. CPU tensors."""
+    import torch.distributed as dist
+
+    timeout = timedelta(seconds=timeout_s)
+    store = dist.TCPStore(host, port, world_size, is_master=(rank == 0), timeout=timeout)
+    group = dist.ProcessGroupGloo(store, rank, world_size, timeout)
+
+    def broadcast(t: torch.Tensor) -> None:
+        opts = dist.BroadcastOptions()
+        opts.rootRank = 0
+        group.broadcast([t], opts).wait()
+
+    return broadcast
+
+
+def make_group(backend: str, host: str, port: int, rank: int, world_size: int, device: torch.device | str) -> Broadcast:
+    """``gloo`` (CPU tensors) or ``nccl`` (CUDA tensors, through vLLM's PyNccl)."""
+    if backend == "gloo":
+        return gloo_group(host, port, rank, world_size)
+    if backend == "nccl":
+        return nccl_group(host, port, rank, world_size, device)
+    raise ValueError(f"unknown weight-sync backend {backend!r}; valid: ['gloo', 'nccl']")
 
 
 def nccl_group(host: str, port: int, rank: int, world_size: int, device: torch.device | str) -> Broadcast:

@@ -28,6 +28,7 @@ class Actor:
         seed: int = 0,
         store_name: Optional[str] = None,
         namespace: str = "relaxrl",
+        weight_sync: Optional[dict] = None,
     ) -> None:
         from relaxrl.algorithms import make_algorithm
         from relaxrl.engines.factory import make_trainer_engine
@@ -61,6 +62,12 @@ class Actor:
             self.engine = make_trainer_engine(engine, model_dir, **engine_kwargs)
         self.pad_id = load_tokenizer(model_dir).pad_token_id
         self.store = ray.get_actor(store_name, namespace=namespace) if store_name else None
+        self.sender = None
+        if weight_sync and weight_sync.get("method") == "broadcast":
+            from relaxrl.services.broadcast_sync import BroadcastSender
+
+            coordinator = ray.get_actor(weight_sync["coordinator"], namespace=namespace)
+            self.sender = BroadcastSender(coordinator, weight_sync["backend"], weight_sync["bucket_mb"])
         self.trained_uids: set[str] = set()
 
     async def train_step(self, batch_ref: list[Any]) -> dict:
@@ -101,6 +108,9 @@ class Actor:
         }
 
     async def _publish(self) -> int:
+        if self.sender is not None:  # every rollout replica receives this version before we go on
+            stats = await asyncio.to_thread(self.sender.send, self.engine.model, self.engine.version)
+            return stats.bytes
         if self.store is None:
             return 0
         payload = self.engine.export_weights()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from typing import Optional
 
@@ -31,6 +32,7 @@ class Rollout:
         engine: str = "hf",
         vllm: Optional[dict] = None,
         seed: int = 0,
+        weight_sync: Optional[dict] = None,
     ) -> None:
         from relaxrl.engines.factory import check_sampling, make_generation_engine
 
@@ -41,6 +43,15 @@ class Rollout:
             engine, model_dir, lora=lora, dtype=dtype, torch_threads=torch_threads, vllm=vllm, seed=seed
         )
         self.weights = WeightFollower(self.engine, store_name, namespace)
+        self._weights_lock = threading.Lock()  # weights never change during a generate call
+        self.receiver = None
+        if weight_sync and weight_sync.get("method") == "broadcast":
+            import ray
+
+            from relaxrl.services.broadcast_sync import BroadcastReceiver
+
+            coordinator = ray.get_actor(weight_sync["coordinator"], namespace=namespace)
+            self.receiver = BroadcastReceiver(self.engine, coordinator, weight_sync["backend"], self._weights_lock)
         self.sampling = sampling
         self._generate_batch.set_max_batch_size(batch_max_groups)
         self._generate_batch.set_batch_wait_timeout_s(batch_wait_s)
@@ -54,10 +65,18 @@ class Rollout:
         loaded = await self.weights.sync()
         params = SamplingParams(seed=requests[0].seed, **self.sampling)
         start = time.time()
-        gens = await asyncio.to_thread(self.engine.generate, prompts_of(requests), params)
+        if self.receiver is not None:
+            self.receiver.check()
+        gens, version = await asyncio.to_thread(self._generate, prompts_of(requests), params)
         timings = {**loaded, "gen_start": start, "gen_end": time.time()}
-        return samples_from_generations(requests, gens, self.engine.tokenizer, self.engine.version, timings)
+        return samples_from_generations(requests, gens, self.engine.tokenizer, version, timings)
+
+    def _generate(self, prompts, params):
+        with self._weights_lock:
+            return self.engine.generate(prompts, params), self.engine.version
 
     def stats(self) -> dict:
         return {"version": self.engine.version, "weight_loads": self.weights.loads, "sync_s": self.weights.sync_s,
-                "sync_bytes": self.weights.sync_bytes}
+                "sync_bytes": self.weights.sync_bytes + (self.receiver.stats.bytes if self.receiver else 0),
+                "broadcast_loads": self.receiver.loads if self.receiver else 0,
+                "broadcast_s": self.receiver.stats.seconds if self.receiver else 0.0}

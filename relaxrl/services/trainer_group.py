@@ -67,6 +67,10 @@ class TrainerGroup:
     def version(self) -> int:
         return self.engine.version
 
+    @property
+    def model(self):
+        return self.engine.model
+
     def _all(self, method: str, *args: Any) -> Any:
         """Run ``method`` on every rank at once (collectives need all of them); rank 0's result."""
         refs = [r.call.remote(method, *args) for r in self.ranks]

@@ -49,6 +49,7 @@ def test_cluster_recipe_uses_four_rollout_and_four_trainer_gpus():
     assert cfg.rollout.engine == "vllm" and cfg.trainer.engine == "deepspeed"
     assert gpus_per_role(cfg.rollout, cfg.trainer) == {"rollout": 4.0, "trainer": 4.0}
     assert "placement_group_bundles" in trainer_options(cfg.trainer)
+    assert cfg.weight_sync.method == "broadcast" and cfg.weight_sync.backend == "nccl"
 
 
 def test_bad_engine_settings_are_errors_naming_them():
