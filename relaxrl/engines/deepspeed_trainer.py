@@ -186,8 +186,16 @@ class DeepSpeedTrainerEngine:
                 weighted[k] += float(v) * mb.size
         plain = self._plain_optimizer()
         # ZeRO 0 in fp32 keeps plain .grad tensors and reports no norm: measure it before the step.
-        pre_norm = float(torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])) if plain is not None else None
-        self.engine.step()  # one optimizer step (clipping, scheduler) at the boundary
+        pre_norm = None
+        if plain is not None:
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            pre_norm = float(torch.nn.utils.get_total_norm(grads))
+        skipped = pre_norm is not None and not math.isfinite(pre_norm)
+        if skipped:  # like the torch engine: a non-finite gradient would poison the weights
+            plain.zero_grad(set_to_none=True)
+            self.scheduler.step()
+        else:
+            self.engine.step()  # one optimizer step (clipping, scheduler) at the boundary
         grad_norm = self.engine.get_global_grad_norm() if pre_norm is None else pre_norm
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
         self.version += 1
@@ -197,7 +205,7 @@ class DeepSpeedTrainerEngine:
             grad_norm=grad_norm,
             lr=lr,
             tokens=float(batch.loss_mask.sum()),
-            skipped=float(bool(getattr(self.engine, "skipped_steps", 0)) and not math.isfinite(grad_norm)),
+            skipped=float(skipped),
             train_time_s=time.perf_counter() - start_time,
         )
         return out

@@ -237,21 +237,16 @@ class VLLMGenerationEngine:
         self.version = int(version)
 
     def load_state_iterator(self, tensors, version: int) -> None:
-        """Load already-materialised (e.g. NCCL-received) full weights ``(name, tensor)`` in place.
-
-        For a single in-process worker; multi-worker engines receive inside their workers.
-        """
+        """Load full weights given as ``(name, tensor)`` pairs (e.g. received by broadcast) in place,
+        through the same worker-side path as ``load_weights``."""
         if self.lora_on:
             raise ValueError("load_state_iterator loads full weights; this engine serves a LoRA adapter")
-        model = self._driver_model()
-        model.load_weights(weights=iter(tensors))
-        _redispatch_cpu_lm_head(model)
+        from safetensors.torch import save as st_save
+
+        blob = st_save({name: t.detach().to("cpu").contiguous() for name, t in tensors})
+        self.llm.collective_rpc(_worker_load_full, args=(blob,))
         self.llm.reset_prefix_cache()
         self.version = int(version)
-
-    def _driver_model(self) -> Any:
-        executor = self.llm.llm_engine.model_executor
-        return executor.driver_worker.worker.model_runner.model
 
     def _load_adapter(self, payload: WeightPayload) -> None:
         from peft import LoraConfig as PeftLoraConfig

@@ -1,13 +1,12 @@
-"""Bucketed weight broadcast: the plan (hand-computed layouts) and a real two-process gloo broadcast
-of a tiny model's weights into an HF generation engine (the same code NCCL runs on GPUs)."""
+"""Bucketed weight broadcast: the plan (hand-computed layouts) and a real gloo broadcast of a tiny
+model's weights into an HF generation engine (the code path NCCL runs on GPUs)."""
 
 from __future__ import annotations
 
-import os
+import threading
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from relaxrl.engines.weight_sync import Bucket, Entry, pack_bucket, plan_buckets, unpack_bucket
 
@@ -41,45 +40,40 @@ def test_pack_unpack_round_trip():
     assert torch.equal(out["x"], state["x"]) and torch.equal(out["y"], state["y"])
 
 
-def _peer(rank: int, port: int, queue) -> None:
-    import torch.distributed as dist
-
+def test_gloo_bucketed_broadcast_into_generation_engine():
+    """Sender and receiver are two members of a standalone gloo group (threads of this process: the
+    group has its own TCP store, like the actor and a rollout replica in a run)."""
+    from relaxrl.engines.deepspeed_trainer import free_port
     from relaxrl.engines.hf_generation import HFGenerationEngine
     from relaxrl.engines.payload import load_full_state_dict
-    from relaxrl.engines.weight_sync import receive_weights, send_weights, torch_dist_broadcast
+    from relaxrl.engines.weight_sync import gloo_group, receive_weights, send_weights
     from relaxrl.models.tiny import build_tiny_model, build_tokenizer
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     tok = build_tokenizer()
-    model = build_tiny_model(tok, seed=rank)  # different weights on each side
-    plan = plan_buckets(model.state_dict(), bucket_bytes=64 * 1024)  # the plan travels out of band
-    if rank == 0:
-        stats = send_weights(model.state_dict(), plan, torch_dist_broadcast(), "cpu")
-        queue.put(("stats", stats.bytes, stats.buckets, len(plan), sum(t.numel() * 4 for t in model.state_dict().values())))
-    else:
-        engine = HFGenerationEngine(model, tok)
-        load_full_state_dict(engine.model, dict(receive_weights(plan, torch_dist_broadcast(), "cpu")))
-        ref = build_tiny_model(tok, seed=0)
-        diff = max(float((a - b).abs().max()) for a, b in zip(engine.model.state_dict().values(), ref.state_dict().values()))
-        queue.put(("diff", diff))
-    dist.destroy_process_group()
+    sender_model, engine = build_tiny_model(tok, seed=0), HFGenerationEngine(build_tiny_model(tok, seed=1), tok)
+    state = sender_model.state_dict()
+    plan = plan_buckets(state, bucket_bytes=64 * 1024)  # the plan travels out of band (the coordinator)
+    port, out, errors, groups = free_port(), {}, [], []
 
+    def member(rank: int) -> None:
+        try:
+            broadcast = gloo_group("127.0.0.1", port, rank, 2, timeout_s=60)
+            groups.append(broadcast)  # a group torn down while its peer still talks waits for the timeout
+            if rank == 0:
+                out["stats"] = send_weights(state, plan, broadcast, "cpu")
+            else:
+                load_full_state_dict(engine.model, dict(receive_weights(plan, broadcast, "cpu")))
+        except BaseException as e:
+            errors.append(e)
 
-def test_gloo_bucketed_broadcast_into_generation_engine():
-    from relaxrl.engines.deepspeed_trainer import free_port
-
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_peer, args=(r, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict((item[0], item[1:]) for item in (queue.get(timeout=120) for _ in procs))
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
-    nbytes, buckets, planned, state_bytes = results["stats"]
-    print(f"gloo broadcast: {nbytes} bytes in {buckets} buckets")
-    assert buckets == planned > 1 and nbytes == state_bytes
-    assert results["diff"] == (0.0,)
+    threads = [threading.Thread(target=member, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    stats = out["stats"]
+    print(f"gloo broadcast: {stats.bytes} bytes in {stats.buckets} buckets, {stats.seconds * 1000:.1f} ms")
+    assert stats.buckets == len(plan) > 1 and stats.bytes == sum(t.numel() * 4 for t in state.values())
+    ref = sender_model.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in engine.model.state_dict().items())

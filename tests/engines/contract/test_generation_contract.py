@@ -87,6 +87,21 @@ def test_weight_update_changes_logprobs_like_hf(engine, base_model, other_model,
     assert max_diff(gens, reference_logprobs(base_model, prompts, gens, 1.0)) < TOL
 
 
+def test_streamed_full_weights_load_in_place(engine, base_model, other_model, prompts):
+    """The loader the broadcast receiver uses: ``(name, tensor)`` pairs, not a packed payload."""
+    pytest.importorskip("ray", reason="the broadcast receiver lives in the Ray services")
+    from relaxrl.services.broadcast_sync import load_received
+
+    params = SamplingParams(temperature=1.0, max_new_tokens=5, seed=6)
+    load_received(engine, iter(other_model.state_dict().items()), version=7)
+    try:
+        assert engine.version == 7
+        gens = engine.generate(prompts, params)
+        assert max_diff(gens, reference_logprobs(other_model, prompts, gens, 1.0)) < TOL
+    finally:
+        engine.load_weights(pack_weights(base_model.state_dict(), version=8, kind="full"))
+
+
 def test_lora_adapter_gives_merged_model_logprobs(lora_engine, base_model, prompts):
     params = SamplingParams(temperature=1.0, max_new_tokens=5, seed=2)
     gens = lora_engine.generate(prompts, params)  # version 0: no adapter yet = the base model
