@@ -241,9 +241,9 @@ class VLLMGenerationEngine:
         through the same worker-side path as ``load_weights``."""
         if self.lora_on:
             raise ValueError("load_state_iterator loads full weights; this engine serves a LoRA adapter")
-        from safetensors.torch import save as st_save
+        from relaxrl.engines.payload import pack_weights
 
-        blob = st_save({name: t.detach().to("cpu").contiguous() for name, t in tensors})
+        blob = pack_weights(dict(tensors), version=version, kind="full").blob  # tied weights once
         self.llm.collective_rpc(_worker_load_full, args=(blob,))
         self.llm.reset_prefix_cache()
         self.version = int(version)
