@@ -207,30 +207,39 @@ def group_name(seq: int) -> str:
 
 
 class QueueActor:
-    """Async wrapper run as a Ray actor: producers wait in ``admit``, the trainer in ``get_batch``."""
+    """Async wrapper run as a Ray actor: producers wait in ``admit``, the trainer in ``get_batch``.
+
+    Two conditions, so a put wakes only the trainer and a version bump only the producers: with
+    many producers a shared one would wake every waiter on every put.
+    """
 
     def __init__(self, **kwargs) -> None:
         self.q = StalenessQueue(**kwargs)
-        self._changed = asyncio.Condition()
+        self._capacity = asyncio.Condition()  # producers waiting for admission
+        self._ready = asyncio.Condition()  # the trainer waiting for a batch
         self._closed = False
 
-    async def _notify(self) -> None:
-        async with self._changed:
-            self._changed.notify_all()
+    @staticmethod
+    async def _wake(cond: asyncio.Condition) -> None:
+        async with cond:
+            cond.notify_all()
 
     async def admit(self) -> Optional[int]:
         """Wait for capacity; returns the group's sequence number, or None once closed."""
-        async with self._changed:
-            await self._changed.wait_for(lambda: self._closed or self.q.can_admit())
+        async with self._capacity:
+            await self._capacity.wait_for(lambda: self._closed or self.q.can_admit())
             return None if self._closed else self.q.admit()
 
     async def put(self, samples: list[Sample]) -> None:
+        dropped = self.q.dropped_groups
         self.q.put(samples)
-        await self._notify()
+        if self.q.dropped_groups != dropped:  # a dropped group gives its admission slot back
+            await self._wake(self._capacity)
+        await self._wake(self._ready)
 
     async def abandon(self, group_id: str, reason: str) -> None:
         self.q.abandon(group_id, reason)
-        await self._notify()
+        await self._wake(self._capacity)
 
     async def get_batch(self, num_groups: int, timeout_s: Optional[float] = None) -> Optional[list[Sample]]:
         """Wait until ``num_groups`` complete fresh groups are ready; None once closed."""
@@ -240,22 +249,24 @@ class QueueActor:
             nonlocal batch
             if self._closed:
                 return True
+            dropped = self.q.dropped_groups
             batch = self.q.take(num_groups)
+            if self.q.dropped_groups != dropped:  # stale groups dropped in take() free admission slots
+                asyncio.get_running_loop().create_task(self._wake(self._capacity))
             return batch is not None
 
-        async with self._changed:
-            await asyncio.wait_for(self._changed.wait_for(ready), timeout_s)
-            # Dropping stale groups in take() frees admission slots: wake the producers.
-            self._changed.notify_all()
+        async with self._ready:
+            await asyncio.wait_for(self._ready.wait_for(ready), timeout_s)
         return batch
 
     async def set_version(self, version: int) -> None:
         self.q.set_version(version)
-        await self._notify()
+        await self._wake(self._capacity)
 
     async def close(self) -> None:
         self._closed = True
-        await self._notify()
+        await self._wake(self._capacity)
+        await self._wake(self._ready)
 
     def metrics(self) -> dict:
         return self.q.metrics()

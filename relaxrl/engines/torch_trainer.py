@@ -85,6 +85,13 @@ class TorchTrainerEngine:
 
         return cls(load_model(path, dtype=dtype), **kwargs)
 
+    @classmethod
+    def from_trainer_config(cls, path: str, trainer: dict, *, dtype: str = "float32", **kwargs) -> "TorchTrainerEngine":
+        """Built from a ``TrainerConfig`` as a dict (the actor role and the benchmarks' bare loop)."""
+        keys = ("lr", "weight_decay", "beta1", "beta2", "max_grad_norm", "warmup_steps", "micro_batch_size")
+        return cls.from_pretrained(path, dtype=dtype, **{k: trainer[k] for k in keys},
+                                   torch_threads=trainer.get("torch_threads", 1), **kwargs)
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device

@@ -210,3 +210,28 @@ def test_queue_actor_under_real_ray_with_random_timings(ray_local):
     assert metrics["max_staleness_seen"] <= S
     ray.get(actor.check_accounting.remote())
     ray.kill(actor)
+
+
+def test_stale_drop_while_trainer_waits_wakes_blocked_producers(ray_local):
+    """A group dropped as stale inside ``get_batch`` frees an admission slot: a producer blocked in
+    ``admit`` must be woken then, or trainer and producers would wait on each other for ever."""
+    ray = ray_local
+    actor = ray.remote(QueueActor).options(max_concurrency=100).remote(
+        groups_per_step=1, group_size=1, max_staleness=0, required_fields=FIELDS)
+
+    async def main():
+        assert await actor.admit.remote() == 0
+        await actor.put.remote(make_group(0, 1, version=0))
+        await actor.set_version.remote(1)  # g0 is now one version too old for max_staleness=0
+        assert await actor.admit.remote() == 1  # capacity (1+0+1)*1 = 2 groups: full
+        blocked = asyncio.ensure_future(actor.admit.remote())
+        batch = asyncio.ensure_future(actor.get_batch.remote(1, 30.0))  # drops g0 as stale
+        assert await asyncio.wait_for(blocked, 10.0) == 2
+        await actor.put.remote(make_group(1, 1, version=1))
+        assert [s.uid for s in await batch] == ["g1/0"]
+        await actor.close.remote()
+
+    asyncio.run(main())
+    assert ray.get(actor.metrics.remote())["dropped_by_reason"] == {"stale": 1}
+    ray.get(actor.check_accounting.remote())
+    ray.kill(actor)

@@ -1,0 +1,143 @@
+"""Asynchronous speed-up against its limit, measured side by side in one run.
+
+The same GRPO experiment (tiny model, CPU, fixed seed) runs with ``max_staleness`` 0, 1 and 2.
+The reward role waits ``--latency-ms`` per group: a *simulated verifier latency* standing in for a
+sandboxed code run, tool call or judge model (I/O-bound: wall time, no CPU). By default it is
+calibrated so that generation + reward take about as long as training + weight publication.
+
+From the synchronous run's own stage measurements, the overlap limit is
+``(gen + reward + train + weight sync per step) / (largest of them)``; efficiency is the measured
+async/sync step-rate ratio divided by that limit. Sample efficiency: mean reward after the same
+number of trained samples, sync vs async.
+
+    python bench/async_speedup.py            # full (~10 min on 2 cores)
+    python bench/async_speedup.py --smoke    # seconds; what the test suite runs
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from common import RESULTS_DIR, bench_dir, compose, fmt, run, steady_steps_per_s, window_mean
+
+
+
+def overrides(args: argparse.Namespace, staleness: int, latency_s: float, steps: int) -> list[str]:
+    return [
+        "+experiment=quickstart",
+        f"seed={args.seed}",
+        f"run_dir={bench_dir(f's{staleness}')}",
+        f"rollout.max_staleness={staleness}",
+        f"rollout.group_size={args.group_size}",
+        f"rollout.groups_per_step={args.groups_per_step}",
+        f"reward.simulated_latency_s={latency_s}",
+        f"trainer.steps={steps}",
+        "trainer.save_final=false",
+        "logger.progress=false",
+        *args.override,
+    ]
+
+
+def sync_stage_times(summary: dict) -> dict[str, float]:
+    """Seconds per step of each pipeline stage; weight sync is publication plus the rollout's load."""
+    st = summary["stage_s_per_step"]
+    return {
+        "gen": st.get("gen", 0.0),
+        "reward": st.get("reward", 0.0),
+        "train": st.get("train", 0.0),
+        "sync": st.get("publish", 0.0) + st.get("weights", 0.0),
+    }
+
+
+def overlap_limit(stages: dict[str, float]) -> float:
+    return sum(stages.values()) / max(stages.values())
+
+
+def calibrate_latency(args: argparse.Namespace) -> float:
+    """Reward latency making gen + reward ≈ train + sync, from a short synchronous run."""
+    summary, _ = run(compose(*overrides(args, 0, 0.0, args.calibration_steps)))
+    st = sync_stage_times(summary)
+    return max(0.0, st["train"] + st["sync"] - st["gen"] - st["reward"])
+
+
+def plot(results: dict[int, tuple[dict, list[dict]]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for s, (summary, recs) in results.items():
+        rewards = [r["reward_mean"] for r in recs]
+        width = max(1, len(recs) // 20)
+        smooth = [window_mean(rewards, i + 1, width) for i in range(len(recs))]
+        ax1.plot([r["wall_s"] for r in recs], smooth, label=f"max_staleness={s}")
+        hist = {int(k): v for k, v in summary["staleness_hist"].items()}
+        xs = sorted(hist)
+        ax2.bar([x + 0.25 * (s - 1) for x in xs], [hist[x] / sum(hist.values()) for x in xs], width=0.25,
+                label=f"max_staleness={s}")
+    ax1.set_xlabel("wall time (s)")
+    ax1.set_ylabel(f"train reward (moving mean)")
+    ax1.legend()
+    ax2.set_xlabel("staleness of trained samples (versions)")
+    ax2.set_ylabel("fraction of trained samples")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--calibration-steps", type=int, default=30)
+    p.add_argument("--group-size", type=int, default=8)
+    p.add_argument("--groups-per-step", type=int, default=8)
+    p.add_argument("--latency-ms", type=float, default=None, help="simulated verifier latency; default: calibrated")
+    p.add_argument("--async-staleness", type=int, default=1, choices=(1, 2), help="the run reported as 'async'")
+    p.add_argument("--staleness", type=int, nargs="+", default=[0, 1, 2], help="runs; 0 is the baseline")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke", action="store_true", help="a few steps, no plot: checks the bench runs")
+    p.add_argument("--plot", default=f"{RESULTS_DIR}/async_speedup.png")
+    p.add_argument("override", nargs="*", help="extra Hydra overrides for every run")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.steps, args.calibration_steps, args.plot = 4, 3, None
+    if 0 not in args.staleness or args.async_staleness not in args.staleness:
+        p.error(f"--staleness must include 0 and --async-staleness={args.async_staleness}")
+
+    latency = args.latency_ms / 1000 if args.latency_ms is not None else calibrate_latency(args)
+    print(f"simulated verifier latency: {latency * 1000:.1f} ms per group "
+          f"({'given' if args.latency_ms is not None else 'calibrated: gen + reward ~ train + sync'})")
+    results = {s: run(compose(*overrides(args, s, latency, args.steps))) for s in args.staleness}
+
+    stages = sync_stage_times(results[0][0])
+    limit = overlap_limit(stages)
+    print("sync stage ms per step: " + fmt({k: v * 1000 for k, v in stages.items()}) + f" limit={limit:.3f}")
+    rate = {s: steady_steps_per_s(recs) * 3600 for s, (_, recs) in results.items()}
+    for s, (summary, _) in results.items():
+        print(f"max_staleness={s}: steps_per_h={rate[s]:.0f} ratio_vs_sync={rate[s] / rate[0]:.3f} "
+              f"staleness_hist={summary['staleness_hist']} dropped={summary['dropped']}")
+
+    # Sample efficiency: every step trains the same number of samples, so equal steps = equal samples.
+    per_step = args.group_size * args.groups_per_step
+    width = max(1, args.steps // 10)
+    rewards = {s: [r["reward_mean"] for r in recs] for s, (_, recs) in results.items()}
+    for frac in (0.25, 0.5, 0.75, 1.0):
+        end = max(1, int(args.steps * frac))
+        print(f"trained_samples={end * per_step}: " + " ".join(
+            f"reward_s{s}={window_mean(rewards[s], end, width):.3f}" for s in args.staleness))
+    final = {s: window_mean(rewards[s], args.steps, width) for s in args.staleness}
+    print(f"sample_efficiency: final_window={width} steps sync_reward={final[0]:.3f} "
+          f"async_reward={final[args.async_staleness]:.3f} diff={final[args.async_staleness] - final[0]:+.3f}")
+
+    if args.plot:
+        plot(results, args.plot)
+        print(f"plot: {args.plot}")
+    a = args.async_staleness
+    ratio = rate[a] / rate[0]
+    print(f"async_speedup: sync_steps_per_h={rate[0]:.0f} async_steps_per_h={rate[a]:.0f} ratio={ratio:.3f} "
+          f"limit={limit:.3f} efficiency={ratio / limit:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Framework overhead: RelaxRL at ``max_staleness=0`` against a bare single-process loop doing the
+same work with the same engines and algorithm (generate → verify → train → load weights), no Ray.
+
+The work per step is the experiment's (``+experiment=quickstart`` with a larger batch and longer
+responses by default, so a step is ~0.5 s on 2 cores: the per-step overhead is printed in ms too).
+
+    python bench/overhead.py            # full (~5 min on 2 cores)
+    python bench/overhead.py --smoke    # seconds; what the test suite runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from common import bench_dir, compose, run, steady_steps_per_s
+
+from relaxrl import launch
+from relaxrl.algorithms import make_algorithm
+from relaxrl.driver import TaskStream
+from relaxrl.engines.base import SamplingParams
+from relaxrl.engines.hf_generation import HFGenerationEngine
+from relaxrl.engines.torch_trainer import TorchTrainerEngine
+from relaxrl.envs.registry import make_env
+from relaxrl.groups import GroupRequest, prompts_of, samples_from_generations
+from relaxrl.models.chat import render_prompt_ids
+from relaxrl.models.lora import LoraConfig
+from relaxrl.queue import group_name
+from relaxrl.sample import collate
+
+
+def bare_loop(cfg, steps: int) -> list[float]:
+    """The same step as RelaxRL's roles, in plain Python; returns each step's end time (s)."""
+    r, tr = cfg.rollout, launch.plain(cfg.trainer)
+    model_dir = launch.prepare_model_dir(cfg)
+    env, algorithm = make_env(**launch.plain(cfg.env)), make_algorithm(launch.plain(cfg.algorithm))
+    lora = LoraConfig(**launch.plain(cfg.model.lora)) if cfg.model.lora.enabled else None
+    gen = HFGenerationEngine.from_pretrained(model_dir, lora=lora, dtype=cfg.model.dtype, torch_threads=r.torch_threads)
+    trainer = TorchTrainerEngine.from_trainer_config(model_dir, tr, dtype=cfg.model.dtype, temperature=r.temperature,
+                                                     lora=lora, seed=cfg.seed)
+    sampling = {"temperature": r.temperature, "top_p": r.top_p, "max_new_tokens": r.max_new_tokens}
+    tasks, tok = TaskStream(env, cfg.seed), gen.tokenizer
+    ends, seq = [], 0
+    for _ in range(steps):
+        batch_tasks, requests = [], []
+        for _ in range(r.groups_per_step):
+            task = tasks.get(seq)
+            batch_tasks.append(task)
+            requests.append(GroupRequest(group_id=group_name(seq), prompt_ids=render_prompt_ids(tok, task.prompt),
+                                         n=r.group_size, domain=task.domain, env=cfg.env.name, answer=task.answer,
+                                         seed=cfg.seed * 1_000_003 + seq))
+            seq += 1
+        gens = gen.generate(prompts_of(requests), SamplingParams(seed=requests[0].seed, **sampling))
+        groups = samples_from_generations(requests, gens, tok, gen.version, {})
+        samples = [s.replace(reward=float(env.verify(s.response_text, task)))
+                   for group, task in zip(groups, batch_tasks) for s in group]
+        trainer.train_step(algorithm.prepare(collate(samples, tok.pad_token_id)), algorithm.loss)
+        gen.load_weights(trainer.export_weights())
+        ends.append(time.time())
+    return ends
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--smoke", action="store_true")
+    p.add_argument("override", nargs="*", default=["rollout.group_size=16", "rollout.groups_per_step=16",
+                                                    "rollout.max_new_tokens=16"],
+                   help="Hydra overrides defining the work (default: a heavier quickstart step)")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.steps = 4
+    common = ["+experiment=quickstart", "rollout.max_staleness=0", f"trainer.steps={args.steps}",
+              "trainer.save_final=false", "logger.progress=false", *args.override]
+    cfg = compose(*common, f"run_dir={bench_dir('overhead')}")
+    per_step = cfg.rollout.group_size * cfg.rollout.groups_per_step
+
+    ends = bare_loop(cfg, args.steps)
+    skip = max(1, args.steps // 10)
+    bare = (len(ends) - skip) / (ends[-1] - ends[skip - 1]) * per_step
+    _, records = run(cfg)
+    relax = steady_steps_per_s(records) * per_step
+    step_ms = {"bare": per_step / bare * 1000, "relaxrl": per_step / relax * 1000}
+    print(f"work: {per_step} samples/step, overrides {args.override}")
+    print(f"step_ms: bare={step_ms['bare']:.1f} relaxrl={step_ms['relaxrl']:.1f} "
+          f"overhead_ms_per_step={step_ms['relaxrl'] - step_ms['bare']:.1f}")
+    print(f"overhead: bare_samples_per_s={bare:.1f} relaxrl_samples_per_s={relax:.1f} ratio={relax / bare:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""The staleness queue's own ceiling: samples/s and p99 put/get latency through the real Ray actor.
+
+N producer actors (1, 4, 16) admit groups and put them; one consumer takes batches and bumps the
+policy version, as the trainer does. Samples carry 64- or 1,024-token responses (with per-token
+log-probs and loss mask). Memory per queued sample is measured in-process with tracemalloc.
+
+    python bench/queue_scale.py            # full (~2 min on 2 cores)
+    python bench/queue_scale.py --smoke    # seconds; what the test suite runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+import tracemalloc
+
+import common  # noqa: F401  (environment and import path)
+import numpy as np
+import ray
+
+from relaxrl.queue import QueueActor, StalenessQueue, group_name
+from relaxrl.sample import Sample
+
+GROUP = 8
+GROUPS_PER_STEP = 8
+STALENESS = 2
+
+
+def make_group(seq: int, tokens: int) -> list[Sample]:
+    # The policy version a producer in step with the trainer would report: never staler than allowed.
+    version = max(0, seq // GROUPS_PER_STEP - STALENESS)
+    return [
+        Sample(uid=f"{group_name(seq)}/{k}", group_id=group_name(seq), index=k, prompt_ids=list(range(16)),
+               response_ids=[7] * tokens, loss_mask=[1] * tokens, behaviour_logprobs=[-0.5] * tokens,
+               policy_version=version, reward=1.0, response_text="x" * 8)
+        for k in range(GROUP)
+    ]
+
+
+@ray.remote(num_cpus=0)
+class Producer:
+    def __init__(self, queue, tokens: int) -> None:
+        self.queue, self.tokens = queue, tokens
+
+    def ready(self) -> bool:
+        return True
+
+    async def run(self) -> list[float]:
+        """Admit and put groups until the queue closes; returns put latencies (s)."""
+        latencies = []
+        while (seq := await self.queue.admit.remote()) is not None:
+            group = make_group(seq, self.tokens)
+            t0 = time.perf_counter()
+            try:
+                await self.queue.put.remote(group)
+            except ray.exceptions.RayTaskError:  # admitted just before close: the group stays in flight
+                break
+            latencies.append(time.perf_counter() - t0)
+        return latencies
+
+
+async def consume(queue, steps: int) -> tuple[float, list[float], int]:
+    latencies, samples = [], 0
+    t_start = None
+    for version in range(1, steps + 1):
+        t0 = time.perf_counter()
+        batch = await queue.get_batch.remote(GROUPS_PER_STEP, 120.0)
+        latencies.append(time.perf_counter() - t0)
+        if t_start is None:  # start the clock once the pipeline is full
+            t_start = time.perf_counter()
+        else:
+            samples += len(batch)
+        await queue.set_version.remote(version)
+    return time.perf_counter() - t_start, latencies, samples
+
+
+def measure(producers: int, tokens: int, steps: int) -> dict:
+    queue = ray.remote(QueueActor).options(num_cpus=0, max_concurrency=1000).remote(
+        groups_per_step=GROUPS_PER_STEP, group_size=GROUP, max_staleness=STALENESS,
+        required_fields=("response_ids", "behaviour_logprobs", "reward"))
+    actors = [Producer.remote(queue, tokens) for _ in range(producers)]
+    ray.get([a.ready.remote() for a in [*actors]])  # worker start-up is not queue throughput
+    runs = [a.run.remote() for a in actors]
+    wall, get_lat, samples = asyncio.run(consume(queue, steps))
+    ray.get(queue.close.remote())
+    put_lat = [x for lat in ray.get(runs) for x in lat]
+    ray.get(queue.check_accounting.remote())
+    for a in [*actors, queue]:
+        ray.kill(a)
+    return {
+        "samples_per_s": samples / wall,
+        "put_p99_ms": float(np.percentile(put_lat, 99) * 1000),
+        "get_p99_ms": float(np.percentile(get_lat[1:], 99) * 1000),
+    }
+
+
+def bytes_per_queued_sample(tokens: int, groups: int = 64) -> float:
+    q = StalenessQueue(groups_per_step=groups, group_size=GROUP, max_staleness=0)
+    tracemalloc.start()
+    before = tracemalloc.take_snapshot()
+    for _ in range(groups):
+        q.put(make_group(q.admit(), tokens))
+    after = tracemalloc.take_snapshot()
+    tracemalloc.stop()
+    return sum(s.size_diff for s in after.compare_to(before, "filename")) / (groups * GROUP)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=150, help="consumer steps per measurement")
+    p.add_argument("--producers", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--tokens", type=int, nargs="+", default=[64, 1024])
+    p.add_argument("--num-cpus", type=int, default=2)
+    p.add_argument("--smoke", action="store_true")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.steps, args.producers, args.tokens = 5, [1, 4], [64]
+    if not ray.is_initialized():
+        ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    results = {}
+    for tokens in args.tokens:
+        print(f"tokens={tokens}: {bytes_per_queued_sample(tokens) / 1024:.1f} KiB per queued sample")
+        for n in args.producers:
+            r = results[(n, tokens)] = measure(n, tokens, args.steps)
+            print(f"producers={n} tokens={tokens} samples_per_s={r['samples_per_s']:.0f} "
+                  f"put_p99_ms={r['put_p99_ms']:.2f} get_p99_ms={r['get_p99_ms']:.2f}", flush=True)
+    n, tokens = max(args.producers), min(args.tokens)
+    r = results[(n, tokens)]
+    print(f"queue_scale: samples_per_s={r['samples_per_s']:.0f} p99_ms={max(r['put_p99_ms'], r['get_p99_ms']):.2f} "
+          f"producers={n} tokens={tokens}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""Each benchmark's smoke version runs through the real code paths, so the benches never rot."""
+
+import re
+
+import pytest
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def last_line(out: str, name: str) -> dict[str, float]:
+    line = out.strip().splitlines()[-1]
+    assert line.startswith(f"{name}: "), line
+    return {k: float(v) for k, v in re.findall(r"(\w+)=([-\d.]+)", line)}
+
+
+def test_async_speedup_smoke(ray_local, model_cache, capsys):
+    import async_speedup
+
+    async_speedup.main([f"model.cache_dir={model_cache}", "--smoke", "--latency-ms", "20", "--staleness", "0", "1"])
+    out = capsys.readouterr().out
+    assert "simulated verifier latency: 20.0 ms per group (given)" in out
+    v = last_line(out, "async_speedup")
+    assert v["sync_steps_per_h"] > 0 and v["async_steps_per_h"] > 0
+    assert v["limit"] >= 1.0 and v["ratio"] == pytest.approx(v["async_steps_per_h"] / v["sync_steps_per_h"], rel=1e-2)
+    assert "max_staleness=1:" in out and "sample_efficiency:" in out
+
+
+def test_overhead_smoke(ray_local, model_cache, capsys):
+    import overhead
+
+    overhead.main(["--smoke", "rollout.group_size=4", "rollout.groups_per_step=2", f"model.cache_dir={model_cache}"])
+    v = last_line(capsys.readouterr().out, "overhead")
+    assert v["bare_samples_per_s"] > 0 and v["relaxrl_samples_per_s"] > 0
+    assert v["ratio"] == pytest.approx(v["relaxrl_samples_per_s"] / v["bare_samples_per_s"], rel=1e-2)
+
+
+def test_queue_scale_smoke(ray_local, capsys):
+    import queue_scale
+
+    queue_scale.main(["--smoke"])  # checks the queue's accounting identity after every measurement
+    out = capsys.readouterr().out
+    v = last_line(out, "queue_scale")
+    assert v["samples_per_s"] > 0 and v["p99_ms"] > 0 and v["producers"] == 4
+    assert re.search(r"tokens=64: [\d.]+ KiB per queued sample", out)
