@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # Sample efficiency: every step trains the same number of samples, so equal steps = equal samples.
     per_step = args.group_size * args.groups_per_step
-    width = max(1, args.steps // 10)
+    width = max(1, args.steps // 5)  # a fifth of the run: one step's batch reward is noisy
     rewards = {s: [r["reward_mean"] for r in recs] for s, (_, recs) in results.items()}
     for frac in (0.25, 0.5, 0.75, 1.0):
         end = max(1, int(args.steps * frac))

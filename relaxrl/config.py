@@ -15,6 +15,7 @@ from omegaconf import MISSING
 
 from relaxrl.algorithms.grpo import GRPOConfig
 from relaxrl.engines.options import DeepSpeedOptions, VLLMOptions, WeightSyncOptions
+from relaxrl.faults import FaultConfig
 from relaxrl.models.lora import LoraConfig
 
 
@@ -78,8 +79,9 @@ class DatasetEnvConfig:
     answer_field: str = "answer"
     domain_field: Optional[str] = None
     domain: str = "default"
-    verifier: str = "exact"  # exact | numeric | contains
+    verifier: str = "exact"  # exact | numeric | contains | python_tests (runs code in a sandboxed subprocess)
     eval_fraction: float = 0.1
+    on_bad_row: str = "error"  # a malformed row (missing field, wrong type): error naming it | skip (counted, logged)
 
 
 @dataclass
@@ -168,6 +170,8 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     weight_sync: WeightSyncOptions = field(default_factory=WeightSyncOptions)  # trainer -> rollout weights
+    faults: FaultConfig = field(default_factory=FaultConfig)
+    resume: Optional[str] = None  # true: newest checkpoint of run_dir; or a checkpoint / run directory path
 
 
 def register_configs() -> None:

@@ -11,30 +11,43 @@ alternates with it. The driver never holds a batch: samples flow between roles a
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from omegaconf import DictConfig
 
+from relaxrl import checkpoint
 from relaxrl.envs.base import Task
+from relaxrl.faults import ReplicaStateLost, fault_reason, is_retryable
 from relaxrl.launch import Roles
 from relaxrl.metrics import first_last_mean, overlap_length, total_length
 from relaxrl.monitor import Monitor
-from relaxrl.queue import group_name
+from relaxrl.queue import QueueError, group_name
 from relaxrl.groups import GroupRequest
 
 log = logging.getLogger(__name__)
 
 
 class TaskStream:
-    """Task ``k`` of the env's train stream for admitted group ``k``: deterministic per seed."""
+    """Task ``k`` of the env's train stream for admitted group ``k``: deterministic per seed.
 
-    def __init__(self, env: Any, seed: int) -> None:
+    A resumed run starts at ``start`` (groups admitted before its checkpoint), keeping the tasks of
+    the groups that were in flight then (``keep``), which it generates again."""
+
+    def __init__(self, env: Any, seed: int, start: int = 0, keep: tuple[int, ...] = ()) -> None:
         self._it = env.tasks("train", seed)
         self._cache: dict[int, Task] = {}
         self._next = 0
+        keep_set = set(keep)
+        for k in range(start):
+            task = next(self._it)
+            if k in keep_set:
+                self._cache[k] = task
+        self._next = start
 
     def get(self, k: int) -> Task:
         while self._next <= k:
@@ -52,7 +65,11 @@ class RunResult:
     stage_intervals: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
     queue: dict = field(default_factory=dict)
     producer_errors: int = 0
+    prompts_rejected: int = 0
     checkpoint: Optional[str] = None
+    resumed_from: Optional[str] = None
+    start_step: int = 0
+    start_version: int = 0
     published: Any = None  # relaxrl.weights.Published of the last weight version
 
     def summary(self) -> dict:
@@ -78,58 +95,166 @@ class RunResult:
             "staleness_hist": self.queue.get("staleness_hist", {}),
             "checkpoint": self.checkpoint,
             "producer_errors": self.producer_errors,
+            "retried_by_reason": self.queue.get("retried_by_reason", {}),
+            "accounting": {k: self.queue.get(k) for k in ACCOUNTING_KEYS},
+            "resumed_from": self.resumed_from,
             "weights_kind": getattr(self.published, "kind", None),
             "weights_nbytes": getattr(self.published, "nbytes", 0),
         }
 
 
-async def produce(roles: Roles, tasks: TaskStream, cfg: DictConfig, prompt_ids: Any, stats: RunResult) -> None:
+ACCOUNTING_KEYS = ("admitted_samples", "generated_samples", "rewarded_samples", "trained_samples",
+                   "dropped_samples", "in_flight_samples")
+
+
+async def produce(roles: Roles, tasks: TaskStream, cfg: DictConfig, prompt_ids: Any, stats: RunResult,
+                  max_prompt_tokens: Optional[int] = None) -> None:
     """Keep generating admitted groups until the queue closes."""
     r = cfg.rollout
     while (seq := await roles.queue.admit.remote()) is not None:
         task, gid = tasks.get(seq), group_name(seq)
-        request = GroupRequest(group_id=gid, prompt_ids=prompt_ids(task.prompt), n=r.group_size,
+        ids = prompt_ids(task.prompt)
+        if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
+            stats.prompts_rejected += 1
+            log.warning("task %s rejected: prompt of %d tokens + max_new_tokens exceeds the model's context "
+                        "(at most %d prompt tokens)", task.task_id, len(ids), max_prompt_tokens)
+            await roles.queue.abandon.remote(gid, "prompt_too_long")
+            continue
+        request = GroupRequest(group_id=gid, prompt_ids=ids, n=r.group_size,
                                domain=task.domain, env=cfg.env.name, answer=task.answer,
                                seed=cfg.seed * 1_000_003 + seq)
         try:
-            # Serve resolves a response passed to another handle, and Ray an ObjectRef passed to an
-            # actor, so samples go rollout → reward → (teacher) → queue without passing through here.
-            samples = roles.reward.score.remote(roles.rollout.generate.remote(request), task)
-            if roles.teacher is not None:
-                samples = roles.teacher.score.remote(samples)
-            await roles.queue.put.remote(await samples._to_object_ref())
+            await run_group(roles, request, task, cfg.faults)
         except Exception as e:  # a failed role call drops the group, counted; never silently
             stats.producer_errors += 1
             log.warning("group %s failed: %s", gid, e)
-            await roles.queue.abandon.remote(gid, f"error_{type(e).__name__}")
+            await roles.queue.abandon.remote(gid, f"error_{fault_reason(e)}")
+
+
+async def run_group(roles: Roles, request: GroupRequest, task: Task, faults: Any) -> None:
+    """generate → reward → (teacher) → queue for one group. A chain lost to a dead or hung replica
+    (or slower than ``faults.role_timeout_s``) is sent again with the same request and seed (Serve
+    routes it to a live or restarted replica) up to ``faults.max_retries`` times. The queue only
+    runs ``put`` once the chain's result exists, so a failed attempt never reaches it and a retry
+    cannot duplicate a sample."""
+    for attempt in range(faults.max_retries + 1):
+        try:
+            return await asyncio.wait_for(_chain_to_queue(roles, request, task), faults.role_timeout_s)
+        except Exception as e:
+            if attempt == faults.max_retries or not is_retryable(e):
+                raise
+            log.warning("group %s: %s; retrying (%d/%d)", request.group_id, e, attempt + 1, faults.max_retries)
+            await roles.queue.note_retry.remote(fault_reason(e))
+            await asyncio.sleep(min(2.0**attempt, 10.0))  # give Serve time to notice and replace the replica
+    raise AssertionError("unreachable")
+
+
+async def _chain_to_queue(roles: Roles, request: GroupRequest, task: Task) -> None:
+    # Serve resolves a response passed to another handle, and Ray an ObjectRef passed to an
+    # actor, so samples go rollout → reward → (teacher) → queue without passing through here.
+    response = roles.reward.score.remote(roles.rollout.generate.remote(request), task)
+    if roles.teacher is not None:
+        response = roles.teacher.score.remote(response)
+    put = None
+    try:
+        put = roles.queue.put.remote(await response._to_object_ref())
+        await put
+    except asyncio.CancelledError:  # timed out: stop the chain, and the put if it has not run yet
+        response.cancel()
+        if put is not None:
+            cancel_quietly(put)
+        raise
+
+
+def cancel_quietly(ref: Any) -> None:
+    import ray
+
+    try:
+        ray.cancel(ref)
+    except Exception as e:  # already finished or gone: nothing to stop
+        log.debug("cancel: %s", e)
+
+
+class TrainerLost(RuntimeError):
+    """The trainer replica failed or came back without its state: resume from a checkpoint."""
 
 
 async def train(roles: Roles, cfg: DictConfig, monitor: Monitor, stats: RunResult, t0: float) -> None:
     """One optimizer step per batch of ``groups_per_step`` complete, fresh groups."""
     tr = cfg.trainer
-    for step in range(1, tr.steps + 1):
+    version = stats.start_version
+    for step in range(stats.start_step + 1, tr.steps + 1):
         batch_ref = roles.queue.get_batch.remote(cfg.rollout.groups_per_step, tr.get_batch_timeout_s)
-        metrics = await roles.actor.train_step.remote([batch_ref])
-        await roles.queue.set_version.remote(metrics["version"])
+        try:
+            metrics = await roles.actor.train_step.remote([batch_ref], version)
+        except Exception as e:
+            if not (is_retryable(e) or isinstance(e, ReplicaStateLost)):
+                raise
+            raise TrainerLost(f"step {step}: the trainer replica was lost ({type(e).__name__}); continue the run "
+                              f"with resume=true (newest checkpoint in {cfg.run_dir}/checkpoints)") from e
+        if metrics["version"] <= version:  # Serve restarted the actor from the initial weights
+            raise TrainerLost(f"step {step}: the trainer came back at version {metrics['version']} after "
+                              f"{version}; its state is lost: continue the run with resume=true")
+        version = metrics["version"]
+        await roles.queue.set_version.remote(version)
         stats.steps = step
         stats.rewards.append(metrics["reward_mean"])
         for stage in ("train", "publish"):
             stats.stage_intervals.setdefault(stage, []).append((metrics[f"{stage}_start"], metrics[f"{stage}_end"]))
+        log_trained(cfg.run_dir, step, version, metrics.pop("trained"))
         elapsed = time.time() - t0
-        metrics["samples_per_s"] = step * cfg.rollout.groups_per_step * cfg.rollout.group_size / elapsed
+        metrics["samples_per_s"] = (step - stats.start_step) * cfg.rollout.groups_per_step * cfg.rollout.group_size / elapsed
         metrics["wall_s"] = elapsed
         monitor.log(step, metrics)
         if tr.checkpoint_every and step % tr.checkpoint_every == 0:
-            stats.checkpoint = await roles.actor.save_checkpoint.remote(f"{cfg.run_dir}/checkpoints/step_{step}")
+            stats.checkpoint = await save_checkpoint(roles, cfg, stats, f"step_{step}")
 
 
-async def run(roles: Roles, cfg: DictConfig, env: Any, prompt_ids: Any, monitor: Monitor) -> RunResult:
+def log_trained(run_dir: str, step: int, version: int, trained: list) -> None:
+    """Append one step's ordered (sample uid, policy version) pairs to the run's audit log."""
+    with open(os.path.join(run_dir, checkpoint.TRAIN_LOG), "a") as f:
+        f.write(json.dumps({"step": step, "version": version, "samples": trained}) + "\n")
+
+
+async def save_checkpoint(roles: Roles, cfg: DictConfig, stats: RunResult, name: str) -> str:
+    """Trainer state, queue accounting and data position at one step, checked and complete or absent."""
+    final = os.path.join(cfg.run_dir, "checkpoints", name)
+    tmp = checkpoint.partial_dir(final)
+    await roles.actor.save_checkpoint.remote(tmp)
+    ledger = await roles.actor.ledger.remote()
+    snap = await roles.queue.snapshot.remote()  # raises if the accounting identity is broken
+    if ledger["trained_count"] != snap["consumed_samples"] or ledger["distinct_uids"] != ledger["trained_count"]:
+        raise QueueError(f"accounting broken at {name}: actor {ledger}, queue handed out {snap['consumed_samples']}")
+    meta = {"step": stats.steps, "version": ledger["version"], "queue": snap, "rewards": stats.rewards,
+            "arch": checkpoint.arch(roles.model_dir) if getattr(roles, "model_dir", None) else {},
+            "lora": bool(cfg.model.lora.enabled), "seed": cfg.seed}
+    return checkpoint.finish(tmp, final, meta, cfg.run_dir)
+
+
+async def restore(roles: Roles, cfg: DictConfig, env: Any, path: str, stats: RunResult) -> TaskStream:
+    """Load a checkpoint into the fresh roles; returns the task stream at the checkpoint's position."""
+    meta = checkpoint.load_meta(path)
+    checkpoint.restore_run_files(path, cfg.run_dir)
+    version = await roles.actor.load_checkpoint.remote(path)  # also publishes the restored weights
+    await roles.queue.restore.remote(meta["queue"])
+    stats.start_step = stats.steps = int(meta["step"])
+    stats.start_version = version
+    stats.rewards = list(meta["rewards"])
+    stats.resumed_from = path
+    log.warning("resumed from %s at step %d (version %d); %d groups in flight are generated again",
+                path, stats.steps, version, len(meta["queue"]["in_flight"]))
+    return TaskStream(env, cfg.seed, start=meta["queue"]["admitted"], keep=tuple(meta["queue"]["in_flight"]))
+
+
+async def run(roles: Roles, cfg: DictConfig, env: Any, prompt_ids: Any, monitor: Monitor, *,
+              resume: Optional[str] = None, max_prompt_tokens: Optional[int] = None) -> RunResult:
     stats = RunResult()
-    tasks = TaskStream(env, cfg.seed)
+    tasks = await restore(roles, cfg, env, resume, stats) if resume else TaskStream(env, cfg.seed)
     r = cfg.rollout
     inflight = r.max_inflight_groups or r.groups_per_step * (r.max_staleness + 1)
     t0 = time.time()
-    producers = [asyncio.create_task(produce(roles, tasks, cfg, prompt_ids, stats)) for _ in range(inflight)]
+    producers = [asyncio.create_task(produce(roles, tasks, cfg, prompt_ids, stats, max_prompt_tokens))
+                 for _ in range(inflight)]
     try:
         await train(roles, cfg, monitor, stats, t0)
     finally:
@@ -137,9 +262,10 @@ async def run(roles: Roles, cfg: DictConfig, env: Any, prompt_ids: Any, monitor:
         await roles.queue.close.remote()
         await asyncio.gather(*producers, return_exceptions=True)
     if cfg.trainer.save_final:
-        stats.checkpoint = await roles.actor.save_checkpoint.remote(f"{cfg.run_dir}/checkpoints/final")
+        stats.checkpoint = await save_checkpoint(roles, cfg, stats, "final")
     stats.queue = await roles.queue.metrics.remote()
     stats.stage_intervals.update(await roles.queue.stage_intervals.remote())
     stats.published = await roles.weights.info.remote()
-    await roles.queue.check_accounting.remote()
+    ledger = await roles.actor.ledger.remote()
+    await roles.queue.check_accounting.remote(ledger["trained_count"])
     return stats

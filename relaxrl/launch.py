@@ -80,6 +80,7 @@ class Roles:
     teacher: Optional[Any]
     queue: Any  # ActorHandle of QueueActor
     weights: Any  # ActorHandle of WeightStore
+    model_dir: str = ""  # what the roles loaded (a checkpoint records its architecture)
     extra_actors: list = field(default_factory=list)  # e.g. the broadcast weight-sync coordinator
 
     def app_names(self) -> list[str]:
@@ -119,7 +120,7 @@ def start_roles(cfg: DictConfig, model_dir: str, required_fields: tuple[str, ...
     store = ray.remote(WeightStore).options(name=store_name(run_id), namespace=ns, num_cpus=0).remote()
     queue = (
         ray.remote(QueueActor)
-        .options(num_cpus=0, max_concurrency=1000)
+        .options(name=f"relaxrl-queue-{run_id}", namespace=ns, num_cpus=0, max_concurrency=1000)  # named: watchable
         .remote(
             groups_per_step=cfg.rollout.groups_per_step,
             group_size=cfg.rollout.group_size,
@@ -128,14 +129,16 @@ def start_roles(cfg: DictConfig, model_dir: str, required_fields: tuple[str, ...
         )
     )
     lora = plain(cfg.model.lora) if cfg.model.lora.enabled else None
-    r, rw, t, tr = cfg.rollout, cfg.reward, cfg.teacher, cfg.trainer
+    r, rw, t, tr, f = cfg.rollout, cfg.reward, cfg.teacher, cfg.trainer, cfg.faults
     sync = sync_settings(cfg, run_id)
     extra = []
     if sync is not None:
         extra.append(ray.remote(SyncCoordinator).options(name=sync["coordinator"], namespace=ns, num_cpus=0)
                      .remote(sync["world_size"]))
+    # Serve restarts a replica whose check_health fails: a dead one, or one hung past hang_timeout_s.
+    health = {"health_check_period_s": f.health_check_period_s, "health_check_timeout_s": f.health_check_timeout_s}
     apps = {
-        "rollout": Rollout.options(num_replicas=r.num_replicas, **rollout_options(r)).bind(
+        "rollout": Rollout.options(num_replicas=r.num_replicas, **rollout_options(r), **health).bind(
             model_dir,
             sampling={"temperature": r.temperature, "top_p": r.top_p, "max_new_tokens": r.max_new_tokens},
             lora=lora,
@@ -149,12 +152,17 @@ def start_roles(cfg: DictConfig, model_dir: str, required_fields: tuple[str, ...
             vllm=plain(r.vllm),
             seed=cfg.seed,
             weight_sync=sync,
+            hang_timeout_s=f.hang_timeout_s,
+            sync_timeout_s=f.sync_timeout_s,
         ),
-        "reward": Reward.options(num_replicas=rw.num_replicas, ray_actor_options={"num_cpus": rw.num_cpus}).bind(
+        "reward": Reward.options(
+            num_replicas=rw.num_replicas, ray_actor_options={"num_cpus": rw.num_cpus}, **health
+        ).bind(
             plain(cfg.env), timeout_s=rw.timeout_s, max_workers=rw.max_workers,
             on_error=rw.on_error, error_reward=rw.error_reward, simulated_latency_s=rw.simulated_latency_s,
+            hang_timeout_s=f.hang_timeout_s,
         ),
-        "actor": Actor.options(num_replicas=1, **trainer_options(tr)).bind(
+        "actor": Actor.options(num_replicas=1, **trainer_options(tr), **health).bind(
             model_dir,
             algorithm=plain(cfg.algorithm),
             trainer=plain(tr),
@@ -165,15 +173,19 @@ def start_roles(cfg: DictConfig, model_dir: str, required_fields: tuple[str, ...
             store_name=store_name(run_id),
             namespace=ns,
             weight_sync=sync,
+            hang_timeout_s=f.hang_timeout_s,
+            publish_timeout_s=f.publish_timeout_s,
         ),
     }
     if needs_teacher(cfg, required_fields):
         apps["teacher"] = Teacher.options(
-            num_replicas=t.num_replicas, ray_actor_options={"num_cpus": t.num_cpus, "num_gpus": t.num_gpus}
-        ).bind({"ref": t.checkpoint or model_dir}, dtype=cfg.model.dtype, torch_threads=t.torch_threads, top_k=t.top_k)
+            num_replicas=t.num_replicas, ray_actor_options={"num_cpus": t.num_cpus, "num_gpus": t.num_gpus},
+            **health,
+        ).bind({"ref": t.checkpoint or model_dir}, dtype=cfg.model.dtype, torch_threads=t.torch_threads, top_k=t.top_k,
+               hang_timeout_s=f.hang_timeout_s)
     names = list(apps)
     handles = serve.run_many(
         [serve.RunTarget(target=app, name=f"{n}-{run_id}", route_prefix=None) for n, app in apps.items()]
     )
     h = dict(zip(names, handles))
-    return Roles(run_id, h["rollout"], h["reward"], h["actor"], h.get("teacher"), queue, store, extra)
+    return Roles(run_id, h["rollout"], h["reward"], h["actor"], h.get("teacher"), queue, store, model_dir, extra)

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter, OrderedDict
+import math
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -72,6 +73,12 @@ class StalenessQueue:
         self.staleness_hist: Counter[int] = Counter()  # trained samples by staleness
         # Busy intervals per stage ("gen", "reward", ...) from samples' ``<stage>_start/_end`` timings.
         self.stage_intervals: dict[str, list[tuple[float, float]]] = {}
+        # Per-stage sample counts (see check_accounting) and role calls retried after a fault.
+        self.generated = 0
+        self.rewarded = 0
+        self.retried: Counter[str] = Counter()
+        # Groups in flight when a checkpoint was taken: re-issued first after a resume, same seq.
+        self._redo: deque[int] = deque()
 
     # --- admission ---------------------------------------------------------------------------
     def capacity(self) -> int:
@@ -79,10 +86,17 @@ class StalenessQueue:
         return (self.version + self.max_staleness + 1) * self.groups_per_step
 
     def can_admit(self) -> bool:
-        return self.admitted - self.dropped_groups < self.capacity()
+        return bool(self._redo) or self.admitted - self.dropped_groups < self.capacity()
 
     def admit(self) -> int:
-        """Admit one new prompt group; returns its sequence number (the group's id is ``g<seq>``)."""
+        """Admit one new prompt group; returns its sequence number (the group's id is ``g<seq>``).
+
+        After a resume, the groups that were in flight at the checkpoint come first, with their old
+        sequence numbers (so the same task and seed): they are already counted as admitted."""
+        if self._redo:
+            seq = self._redo.popleft()
+            self._groups[group_name(seq)] = _Group(seq=seq)
+            return seq
         if not self.can_admit():
             raise QueueError(f"capacity {self.capacity()} reached at version {self.version}")
         seq = self.admitted
@@ -103,14 +117,24 @@ class StalenessQueue:
                 raise QueueError(f"sample {s.uid}: index {s.index} outside group of {self.group_size}")
             self._seen_uids.add(s.uid)
             group.samples[s.index] = s
+            self.generated += 1
+            self.rewarded += s.reward is not None
             self._note_intervals(s.timings)
         for gid in {s.group_id for s in samples}:
             self._maybe_complete(gid)
 
-    def abandon(self, group_id: str, reason: str) -> None:
-        """A producer gave up on a group (error, timeout): drop it and count why."""
+    def abandon(self, group_id: str, reason: str, generated: int = 0, rewarded: int = 0) -> None:
+        """A producer gave up on a group (error, timeout): drop it and count why.
+
+        ``generated``/``rewarded``: how many of its samples got that far before it was given up."""
         if group_id in self._groups:
+            self.generated += generated
+            self.rewarded += rewarded
             self._drop(group_id, reason)
+
+    def note_retry(self, reason: str) -> None:
+        """A producer retried a role call after a fault (counted; the group stays in flight)."""
+        self.retried[reason] += 1
 
     def _maybe_complete(self, gid: str) -> None:
         group = self._groups[gid]
@@ -123,6 +147,8 @@ class StalenessQueue:
             self._drop(gid, errors[0])
         elif missing:
             self._drop(gid, "missing_" + "_".join(missing))
+        elif any(s.reward is not None and not math.isfinite(s.reward) for s in group.samples.values()):
+            self._drop(gid, "reward_nonfinite")  # NaN/inf would poison the advantages
         elif self.version - group.min_version() > self.max_staleness:
             self._drop(gid, "stale")
         else:
@@ -175,7 +201,7 @@ class StalenessQueue:
 
     # --- metrics -----------------------------------------------------------------------------------
     def in_flight_groups(self) -> int:
-        return len(self._groups)
+        return len(self._groups) + len(self._redo)
 
     def metrics(self) -> dict:
         ready = [g for g in self._groups.values() if g.complete]
@@ -193,13 +219,80 @@ class StalenessQueue:
             "size": sum(len(g.samples) for g in ready),
             "staleness_hist": dict(sorted(self.staleness_hist.items())),
             "max_staleness_seen": max(self.staleness_hist, default=0),
+            "admitted_samples": self.admitted * self.group_size,
+            "generated_samples": self.generated,
+            "rewarded_samples": self.rewarded,
+            "trained_samples": self.consumed_samples,
+            "in_flight_samples": self.in_flight_groups() * self.group_size,
+            "retried_by_reason": dict(self.retried),
         }
 
-    def check_accounting(self) -> None:
-        """admitted == consumed + dropped + in flight, in groups; raises if violated."""
+    def check_accounting(self, trained_by_actor: Optional[int] = None) -> None:
+        """Raises ``QueueError`` unless, in groups and in samples,
+        ``admitted == trained + dropped + in flight``; no stage counts more samples than the one before
+        it (trained <= generated <= admitted, rewarded <= generated); and the actor trained exactly
+        what the queue handed out (when ``trained_by_actor`` is given)."""
         total = self.consumed_groups + self.dropped_groups + self.in_flight_groups()
         if self.admitted != total:
-            raise QueueError(f"accounting broken: admitted {self.admitted} != {total}")
+            raise QueueError(
+                f"accounting broken: admitted {self.admitted} groups != trained {self.consumed_groups} "
+                f"+ dropped {self.dropped_groups} + in flight {self.in_flight_groups()}"
+            )
+        m = self.metrics()
+        samples = m["trained_samples"] + m["dropped_samples"] + m["in_flight_samples"]
+        if m["admitted_samples"] != samples or self.consumed_samples != self.consumed_groups * self.group_size:
+            raise QueueError(f"accounting broken: admitted {m['admitted_samples']} samples != {samples}")
+        stages = [m[k] for k in ("admitted_samples", "generated_samples", "trained_samples")]
+        if stages != sorted(stages, reverse=True) or m["rewarded_samples"] > m["generated_samples"]:
+            raise QueueError(
+                "accounting broken: stage counts admitted/generated/trained = "
+                f"{stages}, rewarded = {m['rewarded_samples']}"
+            )
+        if trained_by_actor is not None and trained_by_actor != self.consumed_samples:
+            raise QueueError(
+                f"accounting broken: the actor trained {trained_by_actor} samples, the queue handed out "
+                f"{self.consumed_samples}"
+            )
+
+    # --- checkpoint -----------------------------------------------------------------------------------
+    def snapshot(self) -> dict:
+        """Plain-JSON state for a checkpoint (accounting checked first). Groups in flight are
+        recorded by sequence number only: after a resume they are generated again from scratch, so
+        their partial samples are taken out of the stage counts here."""
+        self.check_accounting()
+        partial = [s for g in self._groups.values() for s in g.samples.values()]
+        return {
+            "version": self.version,
+            "admitted": self.admitted,
+            "consumed_groups": self.consumed_groups,
+            "consumed_samples": self.consumed_samples,
+            "dropped_groups": self.dropped_groups,
+            "dropped": dict(self.dropped),
+            "staleness_hist": {str(k): v for k, v in self.staleness_hist.items()},
+            "generated": self.generated - len(partial),
+            "rewarded": self.rewarded - sum(s.reward is not None for s in partial),
+            "retried": dict(self.retried),
+            "in_flight": sorted([g.seq for g in self._groups.values()] + list(self._redo)),
+            "group_size": self.group_size,
+        }
+
+    def restore(self, snap: dict) -> None:
+        """Continue from ``snapshot()``'s output; the in-flight groups will be re-issued by ``admit``."""
+        if self._groups or self.admitted:
+            raise QueueError("restore() needs a fresh queue")
+        if snap["group_size"] != self.group_size:
+            raise QueueError(f"checkpoint has group_size {snap['group_size']}, this run {self.group_size}")
+        self.version = int(snap["version"])
+        self.admitted = int(snap["admitted"])
+        self.consumed_groups = int(snap["consumed_groups"])
+        self.consumed_samples = int(snap["consumed_samples"])
+        self.dropped_groups = int(snap["dropped_groups"])
+        self.dropped = Counter(snap["dropped"])
+        self.staleness_hist = Counter({int(k): v for k, v in snap["staleness_hist"].items()})
+        self.generated, self.rewarded = int(snap["generated"]), int(snap["rewarded"])
+        self.retried = Counter(snap["retried"])
+        self._redo = deque(int(x) for x in snap["in_flight"])
+        self.check_accounting()
 
 
 def group_name(seq: int) -> str:
@@ -237,9 +330,12 @@ class QueueActor:
             await self._wake(self._capacity)
         await self._wake(self._ready)
 
-    async def abandon(self, group_id: str, reason: str) -> None:
-        self.q.abandon(group_id, reason)
+    async def abandon(self, group_id: str, reason: str, generated: int = 0, rewarded: int = 0) -> None:
+        self.q.abandon(group_id, reason, generated, rewarded)
         await self._wake(self._capacity)
+
+    def note_retry(self, reason: str) -> None:
+        self.q.note_retry(reason)
 
     async def get_batch(self, num_groups: int, timeout_s: Optional[float] = None) -> Optional[list[Sample]]:
         """Wait until ``num_groups`` complete fresh groups are ready; None once closed."""
@@ -274,5 +370,12 @@ class QueueActor:
     def stage_intervals(self) -> dict[str, list[tuple[float, float]]]:
         return self.q.stage_intervals
 
-    def check_accounting(self) -> None:
-        self.q.check_accounting()
+    def check_accounting(self, trained_by_actor: Optional[int] = None) -> None:
+        self.q.check_accounting(trained_by_actor)
+
+    def snapshot(self) -> dict:
+        return self.q.snapshot()
+
+    async def restore(self, snap: dict) -> None:
+        self.q.restore(snap)
+        await self._wake(self._capacity)

@@ -27,28 +27,42 @@ def summary_line(s: dict) -> str:
 
 def run_experiment(cfg: DictConfig) -> dict:
     """Run one experiment end to end and return its summary."""
-    from relaxrl import launch
+    from relaxrl import checkpoint, launch
     from relaxrl.algorithms import make_algorithm
     from relaxrl.driver import run
     from relaxrl.envs.registry import make_env
     from relaxrl.models.chat import render_prompt_ids
     from relaxrl.models.loading import load_tokenizer
+    from relaxrl.config import Config
+    from relaxrl.config_check import check_known_keys
     from relaxrl.monitor import Monitor
 
+    check_known_keys(cfg, Config)  # a key added with '+' that nothing reads is an error, not a no-op
     run_dir = os.path.abspath(cfg.run_dir)
     os.makedirs(run_dir, exist_ok=True)
+    resume = checkpoint.resolve_resume(cfg.resume, run_dir)  # a missing checkpoint fails before Ray starts
     OmegaConf.save(cfg, os.path.join(run_dir, "resolved_config.yaml"), resolve=True)
+    m = cfg.model
+    checkpoint.write_run_info(run_dir, {"seed": cfg.seed, "model.tiny.seed": m.tiny.seed,
+                                        "model.warm_start.seed": m.warm_start.seed}, resume)
     algorithm = make_algorithm(launch.plain(cfg.algorithm))  # validates the algorithm config early
     env = make_env(**launch.plain(cfg.env))
     launch.init_ray(cfg)
     model_dir = launch.prepare_model_dir(cfg)
+    arch = checkpoint.arch(model_dir)
+    if resume:  # a checkpoint of another architecture fails before any replica starts
+        checkpoint.check_compatible(checkpoint.load_meta(resume), resume, arch, bool(m.lora.enabled),
+                                    cfg.rollout.group_size)
     tokenizer = load_tokenizer(model_dir)
+    context = arch.get("max_position_embeddings") or getattr(tokenizer, "model_max_length", None)
+    max_prompt_tokens = context - cfg.rollout.max_new_tokens if context and context < 10**8 else None
     log.info("model %s; run dir %s", model_dir, run_dir)
     roles = launch.start_roles(cfg, model_dir, tuple(algorithm.required_fields))
     monitor = Monitor(cfg, run_dir, cfg.trainer.steps)
     summary = None
     try:
-        result = asyncio.run(run(roles, cfg, env, lambda text: render_prompt_ids(tokenizer, text), monitor))
+        result = asyncio.run(run(roles, cfg, env, lambda text: render_prompt_ids(tokenizer, text), monitor,
+                                 resume=resume, max_prompt_tokens=max_prompt_tokens))
         summary = result.summary()
         summary["run_dir"] = run_dir
         summary["wandb_dir"] = monitor.wandb_dir

@@ -46,3 +46,24 @@ class WeightStore:
 
 def store_name(run_id: str) -> str:
     return f"relaxrl-weights-{run_id}"
+
+
+class WeightSyncError(RuntimeError):
+    """Weights could not be published: the run stops with this error rather than hang."""
+
+
+async def publish_with_timeout(store: Any, version: int, ref: list[Any], kind: str, nbytes: int,
+                               timeout_s: float) -> None:
+    """``store.publish`` (an actor call) that fails within ``timeout_s`` instead of blocking the trainer."""
+    import asyncio
+
+    try:
+        await asyncio.wait_for(_call(store.publish.remote(version, ref, kind, nbytes)), timeout_s)
+    except asyncio.TimeoutError:
+        raise WeightSyncError(f"publishing weight version {version} timed out after {timeout_s}s") from None
+    except Exception as e:
+        raise WeightSyncError(f"publishing weight version {version} failed: {type(e).__name__}: {e}") from e
+
+
+async def _call(ref: Any) -> Any:
+    return await ref

@@ -34,7 +34,15 @@ def contains(response: str, answer: str) -> float:
     return float(bool(want) and want in response)
 
 
-VERIFIERS: dict[str, Verifier] = {"exact": exact, "numeric": numeric, "contains": contains}
+def python_tests(response: str, answer: str) -> float:
+    """1.0 when the response's code passes the task's test code, run in a sandboxed subprocess."""
+    from relaxrl.envs.sandbox import python_tests as run_tests
+
+    return run_tests(response, answer)
+
+
+VERIFIERS: dict[str, Verifier] = {"exact": exact, "numeric": numeric, "contains": contains,
+                                  "python_tests": python_tests}
 
 
 def get_verifier(name: str) -> Verifier:

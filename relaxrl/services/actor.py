@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import random
 import time
 from typing import Any, Optional
 
@@ -29,9 +31,12 @@ class Actor:
         store_name: Optional[str] = None,
         namespace: str = "relaxrl",
         weight_sync: Optional[dict] = None,
+        hang_timeout_s: float = 600.0,
+        publish_timeout_s: float = 120.0,
     ) -> None:
         from relaxrl.algorithms import make_algorithm
         from relaxrl.engines.factory import make_trainer_engine
+        from relaxrl.faults import RequestWatch
         from relaxrl.models.loading import load_tokenizer
 
         quiet_replica_logs()
@@ -69,10 +74,21 @@ class Actor:
             coordinator = ray.get_actor(weight_sync["coordinator"], namespace=namespace)
             self.sender = BroadcastSender(coordinator, weight_sync["backend"], weight_sync["bucket_mb"])
         self.trained_uids: set[str] = set()
+        self.trained_count = 0  # samples trained on by this actor (and the runs it resumed)
+        self.watch = RequestWatch(hang_timeout_s)
+        self.publish_timeout_s = publish_timeout_s
 
-    async def train_step(self, batch_ref: list[Any]) -> dict:
+    async def train_step(self, batch_ref: list[Any], expect_version: Optional[int] = None) -> dict:
         """One step on the queue batch behind ``batch_ref`` (``[ObjectRef]``: fetched here, so the
-        samples never pass through the driver). Returns metrics; weights are published first."""
+        samples never pass through the driver). Returns metrics; weights are published first.
+
+        ``expect_version``: the version the driver last saw; a replica Serve restarted from the
+        initial weights refuses to train rather than silently start over."""
+        from relaxrl.faults import ReplicaStateLost
+
+        if expect_version is not None and self.engine.version != expect_version:
+            raise ReplicaStateLost(f"the trainer is at version {self.engine.version}, the run at {expect_version}: "
+                                   "this replica was restarted and lost the training state")
         samples: list[Sample] = await batch_ref[0]
         if not samples:
             raise ValueError("train_step got an empty batch")
@@ -80,10 +96,11 @@ class Actor:
         if duplicated:
             raise RuntimeError(f"samples trained twice: {duplicated[:5]}")
         self.trained_uids.update(s.uid for s in samples)
+        self.trained_count += len(samples)
         trained_on = self.engine.version
         start = time.time()
         batch = self.algorithm.prepare(collate(samples, self.pad_id))
-        metrics = await asyncio.to_thread(self.engine.train_step, batch, self.algorithm.loss)
+        metrics = await asyncio.to_thread(self.watch.wrap(self.engine.train_step), batch, self.algorithm.loss)
         end = time.time()
         publish_start = time.time()
         publish_bytes = await self._publish()
@@ -105,9 +122,12 @@ class Actor:
             "publish_end": publish_end,
             "publish_s": publish_end - publish_start,
             "publish_bytes": publish_bytes,
+            "trained": [[s.uid, s.policy_version] for s in samples],  # the audit log, in training order
         }
 
     async def _publish(self) -> int:
+        from relaxrl.weights import publish_with_timeout
+
         if self.sender is not None:  # every rollout replica receives this version before we go on
             stats = await asyncio.to_thread(self.sender.send, self.engine.model, self.engine.version)
             return stats.bytes
@@ -115,13 +135,64 @@ class Actor:
             return 0
         payload = self.engine.export_weights()
         ref = ray.put(payload)
-        await self.store.publish.remote(payload.version, [ref], payload.kind, payload.nbytes)
+        await publish_with_timeout(self.store, payload.version, [ref], payload.kind, payload.nbytes,
+                                   self.publish_timeout_s)
         return payload.nbytes
 
     async def save_checkpoint(self, path: str) -> str:
+        """Engine state plus what the actor keeps: trained uids (so none is trained twice after a
+        resume) and the Python/NumPy RNG states (torch's is in the engine's state)."""
         os.makedirs(path, exist_ok=True)
         await asyncio.to_thread(self.engine.save_checkpoint, path)
+        state = {"trained_uids": sorted(self.trained_uids), "trained_count": self.trained_count,
+                 "python_rng": _jsonable(random.getstate()), "numpy_rng": _numpy_rng_state()}
+        with open(os.path.join(path, ACTOR_STATE), "w") as f:
+            json.dump(state, f)
         return path
+
+    async def load_checkpoint(self, path: str) -> int:
+        """Restore ``save_checkpoint``'s state and publish the restored weights; returns the version."""
+        await asyncio.to_thread(self.engine.load_checkpoint, path)
+        with open(os.path.join(path, ACTOR_STATE)) as f:
+            state = json.load(f)
+        self.trained_uids = set(state["trained_uids"])
+        self.trained_count = int(state["trained_count"])
+        random.setstate(_tupled(state["python_rng"]))
+        _set_numpy_rng_state(state["numpy_rng"])
+        await self._publish()
+        return self.engine.version
+
+    def ledger(self) -> dict:
+        return {"trained_count": self.trained_count, "distinct_uids": len(self.trained_uids),
+                "version": self.engine.version}
+
+    def check_health(self) -> None:
+        self.watch.check()
 
     def export_weights(self):
         return self.engine.export_weights()
+
+
+ACTOR_STATE = "actor_state.json"
+
+
+def _jsonable(x: Any) -> Any:
+    return [_jsonable(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _tupled(x: Any) -> Any:
+    return tuple(_tupled(v) for v in x) if isinstance(x, list) else x
+
+
+def _numpy_rng_state() -> list:
+    import numpy as np
+
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return [name, keys.tolist(), int(pos), int(has_gauss), float(gauss)]
+
+
+def _set_numpy_rng_state(state: list) -> None:
+    import numpy as np
+
+    name, keys, pos, has_gauss, gauss = state
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))

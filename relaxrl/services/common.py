@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
 from typing import Any, Optional
 
 import ray
+
+log = logging.getLogger(__name__)
 
 
 def quiet_replica_logs() -> None:
@@ -27,18 +30,31 @@ def set_threads(n: Optional[int]) -> None:
 class WeightFollower:
     """Pulls the newest published weights into a generation engine between requests."""
 
-    def __init__(self, engine: Any, store_name: Optional[str], namespace: str) -> None:
+    def __init__(self, engine: Any, store_name: Optional[str], namespace: str, timeout_s: float = 120.0) -> None:
         self.engine = engine
         self.store = ray.get_actor(store_name, namespace=namespace) if store_name else None
+        self.timeout_s = timeout_s
         self.sync_s = 0.0  # time spent loading weights, for the benchmarks
         self.loads = 0
         self.sync_bytes = 0  # payload bytes loaded, for the benchmarks
+        self.failures = 0
 
     async def sync(self) -> dict[str, float]:
         """Load the newest weights if there are newer ones; returns the load's wall-clock
-        interval as ``{"weights_start", "weights_end"}`` timings (empty if nothing was loaded)."""
+        interval as ``{"weights_start", "weights_end"}`` timings (empty if nothing was loaded).
+
+        A store that fails or hangs never blocks generation: the replica keeps its weights, whose
+        version each sample records (the queue enforces staleness)."""
         if self.store is None:
             return {}
+        try:
+            return await asyncio.wait_for(self._sync(), self.timeout_s)
+        except Exception as e:
+            self.failures += 1
+            log.warning("weight sync failed (keeping version %s): %s: %s", self.engine.version, type(e).__name__, e)
+            return {}
+
+    async def _sync(self) -> dict[str, float]:
         newer = await self.store.newer_than.remote(self.engine.version)
         if newer is None:
             return {}

@@ -33,8 +33,11 @@ class Rollout:
         vllm: Optional[dict] = None,
         seed: int = 0,
         weight_sync: Optional[dict] = None,
+        hang_timeout_s: float = 600.0,
+        sync_timeout_s: float = 120.0,
     ) -> None:
         from relaxrl.engines.factory import check_sampling, make_generation_engine
+        from relaxrl.faults import RequestWatch
 
         quiet_replica_logs()
         set_threads(torch_threads)
@@ -42,7 +45,8 @@ class Rollout:
         self.engine = make_generation_engine(
             engine, model_dir, lora=lora, dtype=dtype, torch_threads=torch_threads, vllm=vllm, seed=seed
         )
-        self.weights = WeightFollower(self.engine, store_name, namespace)
+        self.weights = WeightFollower(self.engine, store_name, namespace, timeout_s=sync_timeout_s)
+        self.watch = RequestWatch(hang_timeout_s)
         self._weights_lock = threading.Lock()  # weights never change during a generate call
         self.receiver = None
         if weight_sync and weight_sync.get("method") == "broadcast":
@@ -67,7 +71,7 @@ class Rollout:
         start = time.time()
         if self.receiver is not None:
             self.receiver.check()
-        gens, version = await asyncio.to_thread(self._generate, prompts_of(requests), params)
+        gens, version = await asyncio.to_thread(self.watch.wrap(self._generate), prompts_of(requests), params)
         timings = {**loaded, "gen_start": start, "gen_end": time.time()}
         return samples_from_generations(requests, gens, self.engine.tokenizer, version, timings)
 
@@ -79,4 +83,8 @@ class Rollout:
         return {"version": self.engine.version, "weight_loads": self.weights.loads, "sync_s": self.weights.sync_s,
                 "sync_bytes": self.weights.sync_bytes + (self.receiver.stats.bytes if self.receiver else 0),
                 "broadcast_loads": self.receiver.loads if self.receiver else 0,
-                "broadcast_s": self.receiver.stats.seconds if self.receiver else 0.0}
+                "broadcast_s": self.receiver.stats.seconds if self.receiver else 0.0,
+                "sync_failures": self.weights.failures}
+
+    def check_health(self) -> None:
+        self.watch.check()

@@ -16,8 +16,11 @@ _FIELDS = ("ref_logprobs", "teacher_logprobs")
 @serve.deployment(max_ongoing_requests=64)
 class Teacher:
     def __init__(self, checkpoints: dict[str, str], *, dtype: str = "float32",
-                 torch_threads: int = 1, top_k: int = 0) -> None:
+                 torch_threads: int = 1, top_k: int = 0, hang_timeout_s: float = 600.0) -> None:
+        from relaxrl.faults import RequestWatch
+
         quiet_replica_logs()
+        self.watch = RequestWatch(hang_timeout_s)
         set_threads(torch_threads)
         self.paths = dict(checkpoints)
         self.dtype = dtype
@@ -44,7 +47,7 @@ class Teacher:
         engine = self._engine(name)
         seqs = [s.prompt_ids + s.response_ids for s in samples]
         lens = [len(s.prompt_ids) for s in samples]
-        scored = await asyncio.to_thread(engine.score, seqs, lens, k)
+        scored = await asyncio.to_thread(self.watch.wrap(engine.score), seqs, lens, k)
         out = []
         for i, s in enumerate(samples):
             extra = {}
@@ -52,3 +55,6 @@ class Teacher:
                 extra = {"teacher_topk_ids": scored.topk_ids[i], "teacher_topk_logprobs": scored.topk_logprobs[i]}
             out.append(s.replace(**{field: scored.logprobs[i]}, **extra))
         return out
+
+    def check_health(self) -> None:
+        self.watch.check()

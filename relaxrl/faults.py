@@ -1,0 +1,104 @@
+"""Surviving faults of role replicas: retry what a dead or hung replica lost, restart hung replicas.
+
+* ``FaultConfig`` (config node ``faults``): retries, timeouts and health-check settings.
+* ``is_retryable``: an error that says a replica (or an object it held) is gone, or a timeout, is
+  worth retrying on another replica; an exception raised by the role's own code is not (it would
+  fail again), so its group is dropped and counted instead.
+* ``RequestWatch``: a replica records when each request's work started; its ``check_health``
+  (called by Serve every ``health_check_period_s``) fails once some work has run longer than
+  ``hang_timeout_s``, and Serve replaces the replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+@dataclass
+class FaultConfig:
+    max_retries: int = 2  # retries of a group's role calls after a replica fault; then dropped and counted
+    role_timeout_s: float = 300.0  # a generate -> reward -> teacher chain slower than this is cancelled and retried
+    hang_timeout_s: float = 600.0  # a replica whose request has run longer than this is unhealthy: Serve restarts it
+    health_check_period_s: float = 10.0
+    health_check_timeout_s: float = 30.0
+    publish_timeout_s: float = 120.0  # weight publication; past it the run stops with an error, never hangs
+    sync_timeout_s: float = 120.0  # a rollout's weight fetch; past it the replica keeps its weights (counted)
+
+
+class ReplicaStateLost(RuntimeError):
+    """A stateful replica (the trainer) was restarted by Serve and no longer holds the run's state."""
+
+
+def fault_reason(e: BaseException) -> str:
+    """The name a fault is counted under: ``timeout`` or the exception's type."""
+    return "timeout" if isinstance(e, (asyncio.TimeoutError, TimeoutError)) else type(e).__name__
+
+
+def is_retryable(e: BaseException) -> bool:
+    """True for a lost replica, lost object or timeout; False for an error raised by role code."""
+    import ray.exceptions as rex
+    from ray.serve.exceptions import RayServeException, ReplicaUnavailableError
+
+    if isinstance(e, (asyncio.TimeoutError, TimeoutError)):
+        return True
+    lost = (rex.RayActorError, rex.ObjectLostError, rex.WorkerCrashedError, rex.NodeDiedError,
+            ReplicaUnavailableError)
+    if isinstance(e, lost):
+        return True
+    if isinstance(e, rex.RayTaskError):  # a role failed because something it depended on was lost
+        return isinstance(e.cause, lost) if e.cause is not None else False
+    # Serve reports a chained call whose upstream replica died as a plain RayServeException.
+    return isinstance(e, RayServeException) and "died" in str(e)
+
+
+class RequestWatch:
+    """Start times of the work a replica is doing, for a health check that catches hangs.
+
+    Work run in a thread is tracked inside the thread (``wrap``), so a request that the caller
+    cancelled while its thread is stuck still counts as hung."""
+
+    def __init__(self, hang_timeout_s: float) -> None:
+        self.hang_timeout_s = hang_timeout_s
+        self._running: dict[int, float] = {}
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+
+    def wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def tracked(*args: Any, **kwargs: Any) -> Any:
+            key = next(self._ids)
+            with self._lock:
+                self._running[key] = time.monotonic()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                with self._lock:
+                    self._running.pop(key, None)
+
+        return tracked
+
+    def oldest_s(self) -> float:
+        with self._lock:
+            starts = list(self._running.values())
+        return time.monotonic() - min(starts) if starts else 0.0
+
+    def check(self) -> None:
+        """Raise if some work has run past ``hang_timeout_s`` (Serve then restarts the replica)."""
+        age = self.oldest_s()
+        if age > self.hang_timeout_s:
+            raise RuntimeError(f"replica hung: a request has been running for {age:.1f}s > {self.hang_timeout_s}s")
+
+
+def replica_actors(app_name: str) -> list[Any]:
+    """Handles of the live replica actors of a Serve application (to inspect, or to kill in drills)."""
+    import ray
+
+    prefix = f"SERVE_REPLICA::{app_name}#"
+    return [ray.get_actor(a["name"], namespace=a["namespace"])
+            for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
