@@ -16,6 +16,7 @@ from omegaconf import MISSING
 from relaxrl.algorithms.extrapolated_opd import ExtrapolatedOPDConfig
 from relaxrl.algorithms.grpo import GRPOConfig
 from relaxrl.algorithms.mopd import MOPDConfig
+from relaxrl.engines.options import DeepSpeedOptions, VLLMOptions, WeightSyncOptions
 from relaxrl.envs.json_answer import JsonAnswerEnvConfig
 from relaxrl.envs.mixture import MixtureEnvConfig
 from relaxrl.faults import FaultConfig
@@ -103,6 +104,8 @@ class RolloutConfig:
     torch_threads: int = 1
     batch_max_groups: int = 8  # Serve request batching: groups merged into one generate call
     batch_wait_s: float = 0.005
+    engine: str = "hf"  # hf (transformers, embedded default) | vllm (production; see docs/engines.md)
+    vllm: VLLMOptions = field(default_factory=VLLMOptions)  # used when engine=vllm
 
 
 @dataclass
@@ -150,6 +153,9 @@ class TrainerConfig:
     checkpoint_every: int = 0  # steps between checkpoints; 0: only the final one
     save_final: bool = True
     get_batch_timeout_s: float = 600.0  # fail loudly instead of waiting forever for data
+    engine: str = "torch"  # torch (embedded default) | deepspeed (production; see docs/engines.md)
+    num_ranks: int = 1  # data-parallel trainer ranks, one placement-group bundle (num_gpus each) per rank
+    deepspeed: DeepSpeedOptions = field(default_factory=DeepSpeedOptions)  # used when engine=deepspeed
 
 
 @dataclass
@@ -176,6 +182,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)  # stages; empty: a single run
+    weight_sync: WeightSyncOptions = field(default_factory=WeightSyncOptions)  # trainer -> rollout weights
     faults: FaultConfig = field(default_factory=FaultConfig)
     resume: Optional[str] = None  # true: newest checkpoint of run_dir; or a checkpoint / run directory path
 

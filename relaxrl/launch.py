@@ -121,6 +121,7 @@ class Roles:
     model_dir: str = ""  # what the roles loaded (a checkpoint records its architecture)
     teacher_by_domain: bool = False  # the teacher is a DomainTeacher: route each group by its domain
     teacher_calls: list = field(default_factory=lambda: [("ref", "ref_logprobs")])  # see teacher_calls()
+    extra_actors: list = field(default_factory=list)  # e.g. the broadcast weight-sync coordinator
 
     def app_names(self) -> list[str]:
         roles = ["rollout", "reward", "actor"] + (["teacher"] if self.teacher is not None else [])
@@ -137,7 +138,7 @@ class Roles:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and set(names) & set(serve.status().applications):
             time.sleep(0.2)
-        for handle in (self.queue, self.weights):
+        for handle in (self.queue, self.weights, *self.extra_actors):
             ray.kill(handle)
 
 
@@ -149,8 +150,10 @@ def needs_teacher(cfg: DictConfig, required_fields: tuple[str, ...]) -> bool:
 def start_roles(cfg: DictConfig, model_dir: str, required_fields: tuple[str, ...]) -> Roles:
     """Deploy rollout, reward, actor (and teacher when needed) as separate Serve applications."""
     from relaxrl.services.actor import Actor
+    from relaxrl.services.broadcast_sync import SyncCoordinator, sync_settings
     from relaxrl.services.reward import Reward
     from relaxrl.services.rollout import Rollout
+    from relaxrl.services.placement import rollout_options, trainer_options
     from relaxrl.services.teacher import Teacher
 
     run_id = uuid.uuid4().hex[:8]
@@ -168,14 +171,15 @@ def start_roles(cfg: DictConfig, model_dir: str, required_fields: tuple[str, ...
     )
     lora = plain(cfg.model.lora) if cfg.model.lora.enabled else None
     r, rw, t, tr, f = cfg.rollout, cfg.reward, cfg.teacher, cfg.trainer, cfg.faults
+    sync = sync_settings(cfg, run_id)
+    extra = []
+    if sync is not None:
+        extra.append(ray.remote(SyncCoordinator).options(name=sync["coordinator"], namespace=ns, num_cpus=0)
+                     .remote(sync["world_size"]))
     # Serve restarts a replica whose check_health fails: a dead one, or one hung past hang_timeout_s.
     health = {"health_check_period_s": f.health_check_period_s, "health_check_timeout_s": f.health_check_timeout_s}
     apps = {
-        "rollout": Rollout.options(
-            num_replicas=r.num_replicas,
-            ray_actor_options={"num_cpus": r.num_cpus, "num_gpus": r.num_gpus},
-            **health,
-        ).bind(
+        "rollout": Rollout.options(num_replicas=r.num_replicas, **rollout_options(r), **health).bind(
             model_dir,
             sampling={"temperature": r.temperature, "top_p": r.top_p, "max_new_tokens": r.max_new_tokens},
             lora=lora,
@@ -185,6 +189,10 @@ def start_roles(cfg: DictConfig, model_dir: str, required_fields: tuple[str, ...
             namespace=ns,
             batch_max_groups=r.batch_max_groups,
             batch_wait_s=r.batch_wait_s,
+            engine=r.engine,
+            vllm=plain(r.vllm),
+            seed=cfg.seed,
+            weight_sync=sync,
             hang_timeout_s=f.hang_timeout_s,
             sync_timeout_s=f.sync_timeout_s,
         ),
@@ -195,9 +203,7 @@ def start_roles(cfg: DictConfig, model_dir: str, required_fields: tuple[str, ...
             on_error=rw.on_error, error_reward=rw.error_reward, simulated_latency_s=rw.simulated_latency_s,
             hang_timeout_s=f.hang_timeout_s,
         ),
-        "actor": Actor.options(
-            num_replicas=1, ray_actor_options={"num_cpus": tr.num_cpus, "num_gpus": tr.num_gpus}, **health
-        ).bind(
+        "actor": Actor.options(num_replicas=1, **trainer_options(tr), **health).bind(
             model_dir,
             algorithm=plain(cfg.algorithm),
             trainer=plain(tr),
@@ -207,6 +213,7 @@ def start_roles(cfg: DictConfig, model_dir: str, required_fields: tuple[str, ...
             seed=cfg.seed,
             store_name=store_name(run_id),
             namespace=ns,
+            weight_sync=sync,
             hang_timeout_s=f.hang_timeout_s,
             publish_timeout_s=f.publish_timeout_s,
         ),
@@ -236,4 +243,4 @@ def start_roles(cfg: DictConfig, model_dir: str, required_fields: tuple[str, ...
     )
     h = dict(zip(names, handles))
     return Roles(run_id, h["rollout"], h["reward"], h["actor"], h.get("teacher"), queue, store, model_dir,
-                 teacher_by_domain=bool(t.domains), teacher_calls=calls)
+                 extra_actors=extra, teacher_by_domain=bool(t.domains), teacher_calls=calls)

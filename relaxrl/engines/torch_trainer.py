@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import logging
 import math
 import os
 import time
@@ -18,6 +19,7 @@ from relaxrl.engines.payload import load_full_state_dict, pack_weights
 from relaxrl.models.lora import LoraConfig, adapter_state_dict, apply_lora, is_lora, load_adapter_state_dict
 from relaxrl.sample import TensorBatch
 
+log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
 MODEL_DIR = "model"
 
@@ -173,7 +175,10 @@ class TorchTrainerEngine:
                     weights.update(load_file(f))
                 load_full_state_dict(self.model, weights)
         state = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=True)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("optimizer") is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        else:  # a ZeRO-sharded DeepSpeed checkpoint: its moments are in its own format (deepspeed/)
+            log.warning("no torch-format optimizer state in %s: AdamW moments restart", path)
         self.scheduler.load_state_dict(state["scheduler"])
         self.version = int(state["version"])
         torch.set_rng_state(state["rng"])

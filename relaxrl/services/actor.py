@@ -31,24 +31,49 @@ class Actor:
         seed: int = 0,
         store_name: Optional[str] = None,
         namespace: str = "relaxrl",
+        weight_sync: Optional[dict] = None,
         hang_timeout_s: float = 600.0,
         publish_timeout_s: float = 120.0,
     ) -> None:
         from relaxrl.algorithms import make_algorithm
-        from relaxrl.engines.torch_trainer import TorchTrainerEngine
+        from relaxrl.engines.factory import make_trainer_engine
         from relaxrl.faults import RequestWatch
         from relaxrl.models.loading import load_tokenizer
-        from relaxrl.models.lora import LoraConfig
 
         quiet_replica_logs()
         set_threads(trainer.get("torch_threads", 1))
         self.algorithm = make_algorithm(algorithm)
-        self.engine = TorchTrainerEngine.from_trainer_config(
-            model_dir, trainer, dtype=dtype, temperature=temperature,
-            lora=LoraConfig(**lora) if lora else None, seed=seed,
+        engine_kwargs = dict(
+            dtype=dtype,
+            lr=trainer["lr"],
+            weight_decay=trainer["weight_decay"],
+            beta1=trainer["beta1"],
+            beta2=trainer["beta2"],
+            max_grad_norm=trainer["max_grad_norm"],
+            warmup_steps=trainer["warmup_steps"],
+            micro_batch_size=trainer["micro_batch_size"],
+            temperature=temperature,
+            lora=lora,
+            seed=seed,
+            torch_threads=trainer.get("torch_threads", 1),
         )
+        engine = trainer.get("engine", "torch")
+        if engine == "deepspeed":
+            engine_kwargs["deepspeed"] = trainer.get("deepspeed")
+        if int(trainer.get("num_ranks", 1)) > 1:  # data-parallel ranks in this replica's placement group
+            from relaxrl.services.trainer_group import TrainerGroup
+
+            self.engine = TrainerGroup(engine, model_dir, int(trainer["num_ranks"]), engine_kwargs)
+        else:
+            self.engine = make_trainer_engine(engine, model_dir, **engine_kwargs)
         self.pad_id = load_tokenizer(model_dir).pad_token_id
         self.store = ray.get_actor(store_name, namespace=namespace) if store_name else None
+        self.sender = None
+        if weight_sync and weight_sync.get("method") == "broadcast":
+            from relaxrl.services.broadcast_sync import BroadcastSender
+
+            coordinator = ray.get_actor(weight_sync["coordinator"], namespace=namespace)
+            self.sender = BroadcastSender(coordinator, weight_sync["backend"], weight_sync["bucket_mb"])
         self.trained_uids: set[str] = set()
         self.trained_count = 0  # samples trained on by this actor (and the runs it resumed)
         self.watch = RequestWatch(hang_timeout_s)
@@ -79,7 +104,7 @@ class Actor:
         metrics = await asyncio.to_thread(self.watch.wrap(self.engine.train_step), batch, self.algorithm.loss)
         end = time.time()
         publish_start = time.time()
-        await self._publish()
+        publish_bytes = await self._publish()
         publish_end = time.time()
         rewards = [s.reward for s in samples]
         staleness = [trained_on - s.policy_version for s in samples]
@@ -98,18 +123,23 @@ class Actor:
             "publish_start": publish_start,
             "publish_end": publish_end,
             "publish_s": publish_end - publish_start,
+            "publish_bytes": publish_bytes,
             "trained": [[s.uid, s.policy_version] for s in samples],  # the audit log, in training order
         }
 
-    async def _publish(self) -> None:
+    async def _publish(self) -> int:
         from relaxrl.weights import publish_with_timeout
 
+        if self.sender is not None:  # every rollout replica receives this version before we go on
+            stats = await asyncio.to_thread(self.sender.send, self.engine.model, self.engine.version)
+            return stats.bytes
         if self.store is None:
-            return
+            return 0
         payload = self.engine.export_weights()
         ref = ray.put(payload)
         await publish_with_timeout(self.store, payload.version, [ref], payload.kind, payload.nbytes,
                                    self.publish_timeout_s)
+        return payload.nbytes
 
     async def save_checkpoint(self, path: str) -> str:
         """Engine state plus what the actor keeps: trained uids (so none is trained twice after a

@@ -36,6 +36,7 @@ class WeightFollower:
         self.timeout_s = timeout_s
         self.sync_s = 0.0  # time spent loading weights, for the benchmarks
         self.loads = 0
+        self.sync_bytes = 0  # payload bytes loaded, for the benchmarks
         self.failures = 0
 
     async def sync(self) -> dict[str, float]:
@@ -64,4 +65,5 @@ class WeightFollower:
         end = time.time()
         self.sync_s += end - start
         self.loads += 1
+        self.sync_bytes += payload.nbytes
         return {"weights_start": start, "weights_end": end}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from typing import Optional
 
@@ -28,21 +29,33 @@ class Rollout:
         namespace: str = "relaxrl",
         batch_max_groups: int = 8,
         batch_wait_s: float = 0.005,
+        engine: str = "hf",
+        vllm: Optional[dict] = None,
+        seed: int = 0,
+        weight_sync: Optional[dict] = None,
         hang_timeout_s: float = 600.0,
         sync_timeout_s: float = 120.0,
     ) -> None:
-        from relaxrl.engines.hf_generation import HFGenerationEngine
+        from relaxrl.engines.factory import check_sampling, make_generation_engine
         from relaxrl.faults import RequestWatch
-        from relaxrl.models.lora import LoraConfig
 
         quiet_replica_logs()
         set_threads(torch_threads)
-        lora_cfg = LoraConfig(**lora) if lora else None
-        self.engine = HFGenerationEngine.from_pretrained(
-            model_dir, lora=lora_cfg, dtype=dtype, torch_threads=torch_threads
+        check_sampling(engine, sampling)
+        self.engine = make_generation_engine(
+            engine, model_dir, lora=lora, dtype=dtype, torch_threads=torch_threads, vllm=vllm, seed=seed
         )
         self.weights = WeightFollower(self.engine, store_name, namespace, timeout_s=sync_timeout_s)
         self.watch = RequestWatch(hang_timeout_s)
+        self._weights_lock = threading.Lock()  # weights never change during a generate call
+        self.receiver = None
+        if weight_sync and weight_sync.get("method") == "broadcast":
+            import ray
+
+            from relaxrl.services.broadcast_sync import BroadcastReceiver
+
+            coordinator = ray.get_actor(weight_sync["coordinator"], namespace=namespace)
+            self.receiver = BroadcastReceiver(self.engine, coordinator, weight_sync["backend"], self._weights_lock)
         self.sampling = sampling
         self._generate_batch.set_max_batch_size(batch_max_groups)
         self._generate_batch.set_batch_wait_timeout_s(batch_wait_s)
@@ -56,12 +69,21 @@ class Rollout:
         loaded = await self.weights.sync()
         params = SamplingParams(seed=requests[0].seed, **self.sampling)
         start = time.time()
-        gens = await asyncio.to_thread(self.watch.wrap(self.engine.generate), prompts_of(requests), params)
+        if self.receiver is not None:
+            self.receiver.check()
+        gens, version = await asyncio.to_thread(self.watch.wrap(self._generate), prompts_of(requests), params)
         timings = {**loaded, "gen_start": start, "gen_end": time.time()}
-        return samples_from_generations(requests, gens, self.engine.tokenizer, self.engine.version, timings)
+        return samples_from_generations(requests, gens, self.engine.tokenizer, version, timings)
+
+    def _generate(self, prompts, params):
+        with self._weights_lock:
+            return self.engine.generate(prompts, params), self.engine.version
 
     def stats(self) -> dict:
         return {"version": self.engine.version, "weight_loads": self.weights.loads, "sync_s": self.weights.sync_s,
+                "sync_bytes": self.weights.sync_bytes + (self.receiver.stats.bytes if self.receiver else 0),
+                "broadcast_loads": self.receiver.loads if self.receiver else 0,
+                "broadcast_s": self.receiver.stats.seconds if self.receiver else 0.0,
                 "sync_failures": self.weights.failures}
 
     def check_health(self) -> None:
