@@ -26,7 +26,7 @@ from collections import defaultdict
 import torch
 
 from relaxrl.engines.base import LossFn, WeightPayload
-from relaxrl.engines.logprobs import token_logprobs
+from relaxrl.engines.logprobs import batched_token_logprobs, token_logprobs
 from relaxrl.engines.options import DeepSpeedOptions
 from relaxrl.engines.payload import load_full_state_dict, pack_weights
 from relaxrl.engines.torch_trainer import MODEL_DIR, STATE_FILE, batch_to
@@ -212,13 +212,7 @@ class DeepSpeedTrainerEngine:
 
     def logprobs(self, batch: TensorBatch) -> torch.Tensor:
         """``[B, T-1]`` target-token log-probs (float32, on CPU), no grad."""
-        self.engine.eval()
-        parts = []
-        with torch.no_grad():
-            for start in range(0, batch.size, self.micro_batch_size):
-                mb = batch.rows(start, start + self.micro_batch_size)
-                parts.append(token_logprobs(self.engine, mb.input_ids, mb.attention_mask, self.temperature).float().cpu())
-        return torch.cat(parts)
+        return batched_token_logprobs(self.engine, batch, self.micro_batch_size, self.temperature)
 
     def _full_state(self) -> dict[str, torch.Tensor]:
         if self.options.zero_stage == 3:

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from relaxrl.engines.base import LossFn, WeightPayload
-from relaxrl.engines.logprobs import token_logprobs
+from relaxrl.engines.logprobs import batched_token_logprobs, token_logprobs
 from relaxrl.engines.payload import load_full_state_dict, pack_weights
 from relaxrl.models.lora import LoraConfig, adapter_state_dict, apply_lora, is_lora, load_adapter_state_dict
 from relaxrl.sample import TensorBatch
@@ -131,13 +131,7 @@ class TorchTrainerEngine:
 
     def logprobs(self, batch: TensorBatch) -> torch.Tensor:
         """``[B, T-1]`` target-token log-probs (at the trainer's temperature), no grad, on CPU."""
-        self.model.eval()
-        parts = []
-        with torch.no_grad():
-            for start in range(0, batch.size, self.micro_batch_size):
-                mb = batch.rows(start, start + self.micro_batch_size)
-                parts.append(token_logprobs(self.model, mb.input_ids, mb.attention_mask, self.temperature).cpu())
-        return torch.cat(parts)
+        return batched_token_logprobs(self.model, batch, self.micro_batch_size, self.temperature)
 
     def export_weights(self) -> WeightPayload:
         if self.lora_on:
