@@ -23,19 +23,19 @@ pytestmark = [
 def test_quickstart_with_vllm_rollout_learns(tmp_path, model_cache):
     env = {**os.environ, "WANDB_MODE": "offline", "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     cmd = [
-        sys.executable, "-m", "relaxrl.train", "+experiment=quickstart_vllm", "trainer.steps=150",
+        sys.executable, "-m", "relaxrl.train", "+experiment=quickstart_vllm", "trainer.steps=300",
         f"model.cache_dir={model_cache}", "logger.progress=false", "trainer.save_final=false",
         "ray.num_cpus=2", f"hydra.run.dir={tmp_path}",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
-    summary = re.search(r"^relaxrl summary: steps=150 .*reward_first=([\d.]+) reward_last=([\d.]+)", proc.stdout, re.M)
+    summary = re.search(r"^relaxrl summary: steps=300 .*reward_first=([\d.]+) reward_last=([\d.]+)", proc.stdout, re.M)
     assert summary, out[-4000:]
     first, last = float(summary.group(1)), float(summary.group(2))
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "step" in r]
-    assert len(steps) == 150 and "Resolved architecture" in out  # vLLM, not HF, served the rollout
+    assert len(steps) == 300 and "Resolved architecture" in out  # vLLM, not HF, served the rollout
     on_policy = [r for r in steps if r["staleness_max"] == 0]
     assert on_policy, "no step trained on on-policy samples only"
     for r in on_policy:  # vLLM's behaviour log-probs == the trainer's on the same weights
