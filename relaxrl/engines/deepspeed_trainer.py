@@ -15,7 +15,6 @@ only where the formats agree (otherwise they restart, with a warning).
 
 from __future__ import annotations
 
-import glob
 import logging
 import math
 import os
@@ -28,9 +27,9 @@ import torch
 from relaxrl.engines.base import LossFn, WeightPayload
 from relaxrl.engines.logprobs import batched_token_logprobs, token_logprobs
 from relaxrl.engines.options import DeepSpeedOptions
-from relaxrl.engines.payload import load_full_state_dict, pack_weights
-from relaxrl.engines.torch_trainer import MODEL_DIR, STATE_FILE, batch_to
-from relaxrl.models.lora import LoraConfig, adapter_state_dict, apply_lora, is_lora, load_adapter_state_dict
+from relaxrl.engines.payload import pack_weights
+from relaxrl.engines.torch_trainer import MODEL_DIR, STATE_FILE, batch_to, load_checkpoint_weights
+from relaxrl.models.lora import LoraConfig, adapter_state_dict, apply_lora, is_lora
 from relaxrl.sample import TensorBatch
 
 log = logging.getLogger(__name__)
@@ -260,22 +259,8 @@ class DeepSpeedTrainerEngine:
         if plain is None and os.path.isdir(ds_dir):
             self.engine.load_checkpoint(ds_dir, tag="latest", load_optimizer_states=True, load_lr_scheduler_states=False)
         else:
+            load_checkpoint_weights(self.model, model_dir, self.lora_on)
             with torch.no_grad():
-                if self.lora_on:
-                    from peft.utils import load_peft_weights
-
-                    load_adapter_state_dict(self.model, load_peft_weights(model_dir, device="cpu"))
-                else:
-                    from safetensors.torch import load_file
-
-                    files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
-                    if not files:
-                        raise FileNotFoundError(f"no *.safetensors weights in {model_dir}")
-                    weights: dict[str, torch.Tensor] = {}
-                    for f in files:
-                        weights.update(load_file(f))
-                    dtype = next(self.model.parameters()).dtype
-                    load_full_state_dict(self.model, {k: v.to(dtype) for k, v in weights.items()})
                 self._refresh_master_weights()
             if plain is not None and state.get("optimizer") is not None:
                 plain.load_state_dict(state["optimizer"])

@@ -35,6 +35,26 @@ def batch_to(batch: TensorBatch, device: torch.device) -> TensorBatch:
     return dataclasses.replace(batch, **changes)
 
 
+def load_checkpoint_weights(model: torch.nn.Module, model_dir: str, lora_on: bool) -> None:
+    """Load a checkpoint's ``model/`` folder into ``model`` in place: the peft adapter when LoRA is on,
+    else every ``*.safetensors`` file, cast to the model's dtype. Shared by both trainer engines,
+    whose checkpoints have this one layout."""
+    with torch.no_grad():
+        if lora_on:
+            from peft.utils import load_peft_weights
+
+            load_adapter_state_dict(model, load_peft_weights(model_dir, device="cpu"))
+            return
+        files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors weights in {model_dir}")
+        weights: dict[str, torch.Tensor] = {}
+        for f in files:
+            weights.update(load_file(f))
+        dtype = next(model.parameters()).dtype
+        load_full_state_dict(model, {k: v.to(dtype) for k, v in weights.items()})
+
+
 class TorchTrainerEngine:
     """Implements ``TrainerEngine``. With LoRA on, only the adapter is trained and exported."""
 
@@ -154,20 +174,7 @@ class TorchTrainerEngine:
 
     def load_checkpoint(self, path: str) -> None:
         """Restore everything ``save_checkpoint`` wrote: training continues exactly."""
-        model_dir = os.path.join(path, MODEL_DIR)
-        with torch.no_grad():
-            if self.lora_on:
-                from peft.utils import load_peft_weights
-
-                load_adapter_state_dict(self.model, load_peft_weights(model_dir, device="cpu"))
-            else:
-                files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
-                if not files:
-                    raise FileNotFoundError(f"no *.safetensors weights in {model_dir}")
-                weights: dict[str, torch.Tensor] = {}
-                for f in files:
-                    weights.update(load_file(f))
-                load_full_state_dict(self.model, weights)
+        load_checkpoint_weights(self.model, os.path.join(path, MODEL_DIR), self.lora_on)
         state = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=True)
         if state.get("optimizer") is not None:
             self.optimizer.load_state_dict(state["optimizer"])
