@@ -1,7 +1,8 @@
 """Asynchronous speed-up against its limit, measured side by side in one run.
 
 The same GRPO experiment (tiny model, CPU, fixed seed) runs with ``max_staleness`` 0, 1 and 2.
-The reward role waits ``--latency-ms`` per group: a *simulated verifier latency* standing in for a
+The reward role waits ``--latency-ms`` per request (the groups of one request are verified
+concurrently): a *simulated verifier latency* standing in for a
 sandboxed code run, tool call or judge model (I/O-bound: wall time, no CPU). By default it is
 calibrated so that generation + reward take about as long as training + weight publication.
 
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--staleness must include 0 and --async-staleness={args.async_staleness}")
 
     latency = args.latency_ms / 1000 if args.latency_ms is not None else calibrate_latency(args)
-    print(f"simulated verifier latency: {latency * 1000:.1f} ms per group "
+    print(f"simulated verifier latency: {latency * 1000:.1f} ms per request "
           f"({'given' if args.latency_ms is not None else 'calibrated: gen + reward ~ train + sync'})")
     results = {s: run(compose(*overrides(args, s, latency, args.steps))) for s in args.staleness}
 

@@ -22,7 +22,7 @@ from relaxrl.engines.base import SamplingParams
 from relaxrl.engines.hf_generation import HFGenerationEngine
 from relaxrl.engines.torch_trainer import TorchTrainerEngine
 from relaxrl.envs.registry import make_env
-from relaxrl.groups import GroupRequest, prompts_of, samples_from_generations
+from relaxrl.groups import GroupRequest, groups_per_request, prompts_of, samples_from_generations
 from relaxrl.models.chat import render_prompt_ids
 from relaxrl.models.lora import LoraConfig
 from relaxrl.queue import group_name
@@ -40,20 +40,25 @@ def bare_loop(cfg, steps: int) -> list[float]:
                                                      lora=lora, seed=cfg.seed)
     sampling = {"temperature": r.temperature, "top_p": r.top_p, "max_new_tokens": r.max_new_tokens}
     tasks, tok = TaskStream(env, cfg.seed), gen.tokenizer
+    per_request = groups_per_request(r.groups_per_request, r.batch_max_groups, r.groups_per_step, r.num_replicas)
     ends, seq = [], 0
     for _ in range(steps):
-        batch_tasks, requests = [], []
-        for _ in range(r.groups_per_step):
-            task = tasks.get(seq)
-            batch_tasks.append(task)
-            requests.append(GroupRequest(group_id=group_name(seq), prompt_ids=render_prompt_ids(tok, task.prompt),
-                                         n=r.group_size, domain=task.domain, env=cfg.env.name, answer=task.answer,
-                                         seed=cfg.seed * 1_000_003 + seq))
-            seq += 1
-        gens = gen.generate(prompts_of(requests), SamplingParams(seed=requests[0].seed, **sampling))
-        groups = samples_from_generations(requests, gens, tok, gen.version, {})
-        samples = [s.replace(reward=float(env.verify(s.response_text, task)))
-                   for group, task in zip(groups, batch_tasks) for s in group]
+        samples = []
+        # The step's groups in requests of per_request groups, one generate call each: the calls the
+        # rollout role makes (Serve merges no requests then; see groups_per_request).
+        for first in range(0, r.groups_per_step, per_request):
+            requests, by_group = [], {}
+            for _ in range(min(per_request, r.groups_per_step - first)):
+                task = tasks.get(seq)
+                by_group[group_name(seq)] = task
+                requests.append(GroupRequest(group_id=group_name(seq), prompt_ids=render_prompt_ids(tok, task.prompt),
+                                             n=r.group_size, domain=task.domain, env=cfg.env.name,
+                                             answer=task.answer, seed=cfg.seed * 1_000_003 + seq))
+                seq += 1
+            gens = gen.generate(prompts_of(requests), SamplingParams(seed=requests[0].seed, **sampling))
+            groups = samples_from_generations(requests, gens, tok, gen.version, {})
+            samples += [s.replace(reward=float(env.verify(s.response_text, by_group[s.group_id])))
+                        for group in groups for s in group]
         trainer.train_step(algorithm.prepare(collate(samples, tok.pad_token_id)), algorithm.loss)
         gen.load_weights(trainer.export_weights())
         ends.append(time.time())

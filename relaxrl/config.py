@@ -97,12 +97,15 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 8
-    max_inflight_groups: int = 0  # concurrent group requests; 0 = groups_per_step * (max_staleness + 1)
+    max_inflight_groups: int = 0  # groups in flight at once; 0 = groups_per_step * (max_staleness + 1)
+    # Groups per driver request (admitted, generated, rewarded and queued together: one call each
+    # per request, not per group). 0 = min(batch_max_groups, ceil(groups_per_step / num_replicas)).
+    groups_per_request: int = 0
     num_replicas: int = 1
     num_cpus: float = 0.5
     num_gpus: float = 0.0
     torch_threads: int = 1
-    batch_max_groups: int = 8  # Serve request batching: groups merged into one generate call
+    batch_max_groups: int = 8  # at most this many groups in one generate call (Serve request batching)
     batch_wait_s: float = 0.005
     engine: str = "hf"  # hf (transformers, embedded default) | vllm (production; see docs/engines.md)
     vllm: VLLMOptions = field(default_factory=VLLMOptions)  # used when engine=vllm
@@ -116,7 +119,7 @@ class RewardConfig:
     max_workers: int = 8  # verifier threads per replica
     on_error: str = "drop"  # drop: the group is dropped and counted; zero: reward = error_reward
     error_reward: float = 0.0
-    simulated_latency_s: float = 0.0  # a verifier that waits this long per group (benchmarks)
+    simulated_latency_s: float = 0.0  # a verifier that waits this long per request (benchmarks)
 
 
 @dataclass

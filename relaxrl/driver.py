@@ -1,11 +1,13 @@
 """The two loops of a run, as asyncio tasks calling the role deployments.
 
-    produce:  admit a prompt group → rollout.generate → reward.score → (teacher.score) → queue.put
-    train:    queue.get_batch → actor.train_step (publishes weights v+1) → queue.set_version(v+1)
+    produce:  admit groups → rollout.generate → reward.score → (teacher.score) → queue.put
+    train:    queue.get_batch(version v) → actor.train_step (publishes weights v+1) → ...
 
-Several ``produce`` tasks run at once; the queue's admission gate bounds how far ahead of the
-trainer they may get, so with ``max_staleness >= 1`` generation overlaps training and with 0 it
-alternates with it. The driver never holds a batch: samples flow between roles as object refs.
+A request carries several prompt groups (``rollout.groups_per_request``), so each role call and
+each queue call is paid per request, not per group. Several ``produce`` tasks run at once; the
+queue's admission gate bounds how far ahead of the trainer they may get, so with
+``max_staleness >= 1`` generation overlaps training and with 0 it alternates with it. The driver
+never holds a batch: samples flow between roles as object refs.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from relaxrl.launch import Roles
 from relaxrl.metrics import first_last_mean, overlap_length, total_length
 from relaxrl.monitor import Monitor
 from relaxrl.queue import QueueError, group_name
-from relaxrl.groups import GroupRequest
+from relaxrl.groups import GroupRequest, groups_per_request
 
 log = logging.getLogger(__name__)
 
@@ -112,54 +114,61 @@ ACCOUNTING_KEYS = ("admitted_samples", "generated_samples", "rewarded_samples", 
 
 
 async def produce(roles: Roles, tasks: TaskStream, cfg: DictConfig, prompt_ids: Any, stats: RunResult,
-                  max_prompt_tokens: Optional[int] = None) -> None:
-    """Keep generating admitted groups until the queue closes."""
-    r = cfg.rollout
-    while (seq := await roles.queue.admit.remote()) is not None:
-        task, gid = tasks.get(seq), group_name(seq)
-        ids = prompt_ids(task.prompt)
-        if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
-            stats.prompts_rejected += 1
-            log.warning("task %s rejected: prompt of %d tokens + max_new_tokens exceeds the model's context "
-                        "(at most %d prompt tokens)", task.task_id, len(ids), max_prompt_tokens)
-            await roles.queue.abandon.remote(gid, "prompt_too_long")
+                  max_prompt_tokens: Optional[int] = None, per_request: int = 1) -> None:
+    """Keep admitting up to ``per_request`` groups at a time and sending them down the chain as
+    one request, until the queue closes."""
+    while (seqs := await roles.queue.admit_many.remote(per_request)) is not None:
+        requests, by_group = [], {}
+        for seq in seqs:
+            task, gid = tasks.get(seq), group_name(seq)
+            ids = prompt_ids(task.prompt)
+            if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
+                stats.prompts_rejected += 1
+                log.warning("task %s rejected: prompt of %d tokens + max_new_tokens exceeds the model's context "
+                            "(at most %d prompt tokens)", task.task_id, len(ids), max_prompt_tokens)
+                await roles.queue.abandon.remote(gid, "prompt_too_long")
+                continue
+            requests.append(GroupRequest(group_id=gid, prompt_ids=ids, n=cfg.rollout.group_size,
+                                         domain=task.domain, env=cfg.env.name, answer=task.answer,
+                                         seed=cfg.seed * 1_000_003 + seq))
+            by_group[gid] = task
+        if not requests:
             continue
-        request = GroupRequest(group_id=gid, prompt_ids=ids, n=r.group_size,
-                               domain=task.domain, env=cfg.env.name, answer=task.answer,
-                               seed=cfg.seed * 1_000_003 + seq)
         try:
-            await run_group(roles, request, task, cfg.faults)
-        except Exception as e:  # a failed role call drops the group, counted; never silently
+            await run_request(roles, requests, by_group, cfg.faults)
+        except Exception as e:  # a failed role call drops the request's groups, counted; never silently
             stats.producer_errors += 1
-            log.warning("group %s failed: %s", gid, e)
-            await roles.queue.abandon.remote(gid, f"error_{fault_reason(e)}")
+            log.warning("groups %s failed: %s", list(by_group), e)
+            await roles.queue.abandon_many.remote(list(by_group), f"error_{fault_reason(e)}")
 
 
-async def run_group(roles: Roles, request: GroupRequest, task: Task, faults: Any) -> None:
-    """generate → reward → (teacher) → queue for one group. A chain lost to a dead or hung replica
-    (or slower than ``faults.role_timeout_s``) is sent again with the same request and seed (Serve
-    routes it to a live or restarted replica) up to ``faults.max_retries`` times. The queue only
-    runs ``put`` once the chain's result exists, so a failed attempt never reaches it and a retry
-    cannot duplicate a sample."""
+async def run_request(roles: Roles, requests: list[GroupRequest], tasks: dict[str, Task], faults: Any) -> None:
+    """generate → reward → (teacher) → queue for one request's groups. A chain lost to a dead or
+    hung replica (or slower than ``faults.role_timeout_s``) is sent again with the same requests and
+    seeds (Serve routes it to a live or restarted replica) up to ``faults.max_retries`` times. The
+    queue only runs ``put`` once the chain's result exists, so a failed attempt never reaches it and
+    a retry cannot duplicate a sample."""
     for attempt in range(faults.max_retries + 1):
         try:
-            return await asyncio.wait_for(_chain_to_queue(roles, request, task), faults.role_timeout_s)
+            return await asyncio.wait_for(_chain_to_queue(roles, requests, tasks), faults.role_timeout_s)
         except Exception as e:
             if attempt == faults.max_retries or not is_retryable(e):
                 raise
-            log.warning("group %s: %s; retrying (%d/%d)", request.group_id, e, attempt + 1, faults.max_retries)
+            log.warning("groups %s: %s; retrying (%d/%d)", list(tasks), e, attempt + 1, faults.max_retries)
             await roles.queue.note_retry.remote(fault_reason(e))
             await asyncio.sleep(min(2.0**attempt, 10.0))  # give Serve time to notice and replace the replica
     raise AssertionError("unreachable")
 
 
-async def _chain_to_queue(roles: Roles, request: GroupRequest, task: Task) -> None:
+async def _chain_to_queue(roles: Roles, requests: list[GroupRequest], tasks: dict[str, Task]) -> None:
     # Serve resolves a response passed to another handle, and Ray an ObjectRef passed to an
     # actor, so samples go rollout → reward → (teacher) → queue without passing through here.
-    response = roles.reward.score.remote(roles.rollout.generate.remote(request), task)
+    response = roles.reward.score.remote(roles.rollout.generate.remote(requests), tasks)
     if roles.teacher is not None:
         if roles.teacher_by_domain:  # Serve multiplexing: to a replica holding this domain's teacher
-            response = roles.teacher.options(multiplexed_model_id=request.domain).score.remote(response)
+            domains = {r.domain for r in requests}  # several: the replica splits the samples by domain
+            teacher = roles.teacher.options(multiplexed_model_id=domains.pop()) if len(domains) == 1 else roles.teacher
+            response = teacher.score.remote(response)
         for name, fld in roles.teacher_calls:  # ref (base) log-probs, then teacher ones if needed
             response = roles.teacher.score.remote(response, name=name, field=fld)
     put = None
@@ -194,7 +203,8 @@ async def train(roles: Roles, cfg: DictConfig, monitor: Monitor, stats: RunResul
         await on_step(roles, 0, {})
     version = stats.start_version
     for step in range(stats.start_step + 1, tr.steps + 1):
-        batch_ref = roles.queue.get_batch.remote(cfg.rollout.groups_per_step, tr.get_batch_timeout_s)
+        # The new version rides on the batch request: one queue round trip per step, not two.
+        batch_ref = roles.queue.get_batch.remote(cfg.rollout.groups_per_step, tr.get_batch_timeout_s, version)
         try:
             metrics = await roles.actor.train_step.remote([batch_ref], version)
         except Exception as e:
@@ -206,7 +216,11 @@ async def train(roles: Roles, cfg: DictConfig, monitor: Monitor, stats: RunResul
             raise TrainerLost(f"step {step}: the trainer came back at version {metrics['version']} after "
                               f"{version}; its state is lost: continue the run with resume=true")
         version = metrics["version"]
-        await roles.queue.set_version.remote(version)
+        checkpoint_due = bool(tr.checkpoint_every) and step % tr.checkpoint_every == 0
+        if checkpoint_due or step == tr.steps or on_step is not None:
+            # A checkpoint and the run's end record the queue at this version; a step hook (e.g. an
+            # evaluation) may take a while, and the rollout should go on meanwhile.
+            await roles.queue.set_version.remote(version)
         stats.steps = step
         stats.rewards.append(metrics["reward_mean"])
         for stage in ("train", "publish"):
@@ -218,7 +232,7 @@ async def train(roles: Roles, cfg: DictConfig, monitor: Monitor, stats: RunResul
         if on_step is not None:
             metrics.update(await on_step(roles, step, metrics))
         monitor.log(step, metrics)
-        if tr.checkpoint_every and step % tr.checkpoint_every == 0:
+        if checkpoint_due:
             stats.checkpoint = await save_checkpoint(roles, cfg, stats, f"step_{step}")
 
 
@@ -265,9 +279,10 @@ async def run(roles: Roles, cfg: DictConfig, env: Any, prompt_ids: Any, monitor:
     tasks = await restore(roles, cfg, env, resume, stats) if resume else TaskStream(env, cfg.seed)
     r = cfg.rollout
     inflight = r.max_inflight_groups or r.groups_per_step * (r.max_staleness + 1)
+    per_request = groups_per_request(r.groups_per_request, r.batch_max_groups, r.groups_per_step, r.num_replicas)
     t0 = time.time()
-    producers = [asyncio.create_task(produce(roles, tasks, cfg, prompt_ids, stats, max_prompt_tokens))
-                 for _ in range(inflight)]
+    producers = [asyncio.create_task(produce(roles, tasks, cfg, prompt_ids, stats, max_prompt_tokens, per_request))
+                 for _ in range(-(-inflight // per_request))]
     try:
         await train(roles, cfg, monitor, stats, t0, on_step)
     finally:

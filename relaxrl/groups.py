@@ -63,3 +63,17 @@ def samples_from_generations(
             )
         out.append(group)
     return out
+
+
+def groups_per_request(configured: int, batch_max_groups: int, groups_per_step: int, num_replicas: int) -> int:
+    """Groups the driver sends in one rollout request (then one reward call and one queue put).
+
+    ``configured`` 0 picks enough requests per step to keep every rollout replica busy, capped by
+    what one generate call may hold (``batch_max_groups``)."""
+    if configured < 0 or batch_max_groups < 1 or num_replicas < 1:
+        raise ValueError(f"need rollout.groups_per_request >= 0, rollout.batch_max_groups >= 1 and "
+                         f"rollout.num_replicas >= 1; got {configured}, {batch_max_groups}, {num_replicas}")
+    if configured > batch_max_groups:
+        raise ValueError(f"rollout.groups_per_request={configured} exceeds rollout.batch_max_groups="
+                         f"{batch_max_groups}, the most groups one generate call may hold")
+    return configured or max(1, min(batch_max_groups, -(-groups_per_step // num_replicas)))

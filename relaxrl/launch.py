@@ -13,6 +13,7 @@ import ray
 from omegaconf import DictConfig, OmegaConf
 from ray import serve
 
+from relaxrl.groups import groups_per_request
 from relaxrl.queue import QueueActor
 from relaxrl.weights import WeightStore, store_name
 
@@ -188,6 +189,8 @@ def start_roles(cfg: DictConfig, model_dir: str, required_fields: tuple[str, ...
             store_name=store_name(run_id),
             namespace=ns,
             batch_max_groups=r.batch_max_groups,
+            groups_per_request=groups_per_request(r.groups_per_request, r.batch_max_groups, r.groups_per_step,
+                                                  r.num_replicas),
             batch_wait_s=r.batch_wait_s,
             engine=r.engine,
             vllm=plain(r.vllm),

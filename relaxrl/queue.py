@@ -104,6 +104,13 @@ class StalenessQueue:
         self.admitted += 1
         return seq
 
+    def admit_up_to(self, n: int) -> list[int]:
+        """Admit as many groups as capacity allows, at most ``n``: one call for a rollout request's groups."""
+        seqs: list[int] = []
+        while len(seqs) < n and self.can_admit():
+            seqs.append(self.admit())
+        return seqs
+
     # --- producers -----------------------------------------------------------------------------
     def put(self, samples: Sequence[Sample]) -> None:
         """Add samples of admitted groups; a group is ready once all its samples are in."""
@@ -319,9 +326,17 @@ class QueueActor:
 
     async def admit(self) -> Optional[int]:
         """Wait for capacity; returns the group's sequence number, or None once closed."""
+        seqs = await self.admit_many(1)
+        return None if seqs is None else seqs[0]
+
+    async def admit_many(self, n: int) -> Optional[list[int]]:
+        """Wait for capacity; returns 1 to ``n`` admitted sequence numbers (as many as capacity
+        allows now), or None once closed. One call admits a whole rollout request's groups."""
+        if n < 1:
+            raise ValueError(f"admit_many needs n >= 1, got {n}")
         async with self._capacity:
             await self._capacity.wait_for(lambda: self._closed or self.q.can_admit())
-            return None if self._closed else self.q.admit()
+            return None if self._closed else self.q.admit_up_to(n)
 
     async def put(self, samples: list[Sample]) -> None:
         dropped = self.q.dropped_groups
@@ -334,11 +349,23 @@ class QueueActor:
         self.q.abandon(group_id, reason, generated, rewarded)
         await self._wake(self._capacity)
 
+    async def abandon_many(self, group_ids: list[str], reason: str) -> None:
+        """``abandon`` for every group of a failed rollout request, in one call."""
+        for gid in group_ids:
+            self.q.abandon(gid, reason)
+        await self._wake(self._capacity)
+
     def note_retry(self, reason: str) -> None:
         self.q.note_retry(reason)
 
-    async def get_batch(self, num_groups: int, timeout_s: Optional[float] = None) -> Optional[list[Sample]]:
-        """Wait until ``num_groups`` complete fresh groups are ready; None once closed."""
+    async def get_batch(self, num_groups: int, timeout_s: Optional[float] = None,
+                        version: Optional[int] = None) -> Optional[list[Sample]]:
+        """Wait until ``num_groups`` complete fresh groups are ready; None once closed.
+
+        ``version``: the trainer's new policy version, set first (as ``set_version``): the trainer
+        saves a round trip per step on its critical path."""
+        if version is not None:
+            await self.set_version(version)
         batch: Optional[list[Sample]] = None
 
         def ready() -> bool:

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 from relaxrl.envs.base import Task
 from relaxrl.sample import Sample
@@ -44,9 +44,11 @@ class GuardedVerifier:
         # A hung verifier keeps its thread; the pool is sized so others go on meanwhile.
         self.pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="verifier")
 
-    async def score(self, samples: list[Sample], task: Task) -> list[Sample]:
-        """Samples with ``reward`` set; a failed verification leaves it None (or ``error_reward``)."""
-        return list(await asyncio.gather(*(self.score_one(s, task) for s in samples)))
+    async def score(self, samples: list[Sample], tasks: Union[Task, dict[str, Task]]) -> list[Sample]:
+        """Samples with ``reward`` set; a failed verification leaves it None (or ``error_reward``).
+
+        ``tasks``: one task for all samples, or ``{group_id: task}`` when they answer several prompts."""
+        return list(await asyncio.gather(*(self.score_one(s, task_of(tasks, s)) for s in samples)))
 
     async def score_one(self, sample: Sample, task: Task) -> Sample:
         loop = asyncio.get_running_loop()
@@ -63,3 +65,13 @@ class GuardedVerifier:
         log.warning("sample %s (task %s): %s %s", sample.uid, task.task_id, info["error"], info["detail"])
         reward = self.error_reward if self.on_error == "zero" else None
         return sample.replace(reward=reward, reward_info=info)
+
+
+def task_of(tasks: Union[Task, dict[str, Task]], sample: Sample) -> Task:
+    """The task ``sample`` answers: ``tasks`` itself, or its entry for the sample's group."""
+    if not isinstance(tasks, dict):
+        return tasks
+    try:
+        return tasks[sample.group_id]
+    except KeyError:
+        raise KeyError(f"sample {sample.uid}: no task for group {sample.group_id!r} (tasks for {sorted(tasks)})") from None

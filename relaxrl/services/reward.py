@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Union
 
 from ray import serve
 
 from relaxrl.envs.base import Task
+from relaxrl.envs.guarded import task_of
 from relaxrl.sample import Sample
 from relaxrl.services.common import quiet_replica_logs
 
@@ -28,17 +30,20 @@ class Reward:
         self.guard = GuardedVerifier(self.env.verify, timeout_s=timeout_s, max_workers=max_workers,
                                      on_error=on_error, error_reward=error_reward, track=self.watch.wrap)
 
-    async def score(self, samples: list[Sample], task: Task) -> list[Sample]:
-        """Samples with ``reward`` set; a failed verification leaves it None (or error_reward)."""
+    async def score(self, samples: list[Sample], tasks: Union[Task, dict[str, Task]]) -> list[Sample]:
+        """Samples with ``reward`` set; a failed verification leaves it None (or error_reward).
+
+        ``tasks``: the task of every sample, or ``{group_id: task}`` for a request of several groups."""
         start = time.time()
         if self.simulated_latency_s > 0:
             # Stands in for a verifier that waits (sandboxed code run, tool call, judge model):
-            # I/O-bound, so it costs wall time but no CPU. Used by the benchmarks, named there.
+            # I/O-bound, so it costs wall time but no CPU. The groups of one request are verified
+            # concurrently, as separate sandboxes would. Used by the benchmarks, named there.
             await asyncio.sleep(self.simulated_latency_s)
-        scored = await self.guard.score(samples, task)
+        scored = await self.guard.score(samples, tasks)
         if hasattr(self.env, "response_info"):  # the env's per-response metrics, e.g. parse validity
-            scored = [s.replace(reward_info={**self.env.response_info(s.response_text, task), **s.reward_info})
-                      for s in scored]
+            scored = [s.replace(reward_info={**self.env.response_info(s.response_text, task_of(tasks, s)),
+                                             **s.reward_info}) for s in scored]
         end = time.time()
         return [s.replace(timings={**s.timings, "reward_start": start, "reward_end": end}) for s in scored]
 

@@ -28,6 +28,7 @@ class Rollout:
         store_name: Optional[str] = None,
         namespace: str = "relaxrl",
         batch_max_groups: int = 8,
+        groups_per_request: int = 1,
         batch_wait_s: float = 0.005,
         engine: str = "hf",
         vllm: Optional[dict] = None,
@@ -57,15 +58,19 @@ class Rollout:
             coordinator = ray.get_actor(weight_sync["coordinator"], namespace=namespace)
             self.receiver = BroadcastReceiver(self.engine, coordinator, weight_sync["backend"], self._weights_lock)
         self.sampling = sampling
-        self._generate_batch.set_max_batch_size(batch_max_groups)
+        # Serve batches requests; each carries up to groups_per_request groups.
+        self._generate_batch.set_max_batch_size(max(1, batch_max_groups // max(1, groups_per_request)))
         self._generate_batch.set_batch_wait_timeout_s(batch_wait_s)
 
-    async def generate(self, request: GroupRequest) -> list[Sample]:
-        return await self._generate_batch(request)
+    async def generate(self, requests: list[GroupRequest]) -> list[Sample]:
+        """Samples of every group in ``requests`` (one driver request carries several groups), in order."""
+        return await self._generate_batch(list(requests))
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def _generate_batch(self, requests: list[GroupRequest]) -> list[list[Sample]]:
-        # Weights change only between batches, so every sample of a batch has one version.
+    async def _generate_batch(self, batches: list[list[GroupRequest]]) -> list[list[Sample]]:
+        # Serve merges concurrent driver requests into one generate call. Weights change only
+        # between calls, so every sample of a call has one version.
+        requests = [r for batch in batches for r in batch]
         loaded = await self.weights.sync()
         params = SamplingParams(seed=requests[0].seed, **self.sampling)
         start = time.time()
@@ -73,7 +78,8 @@ class Rollout:
             self.receiver.check()
         gens, version = await asyncio.to_thread(self.watch.wrap(self._generate), prompts_of(requests), params)
         timings = {**loaded, "gen_start": start, "gen_end": time.time()}
-        return samples_from_generations(requests, gens, self.engine.tokenizer, version, timings)
+        groups = iter(samples_from_generations(requests, gens, self.engine.tokenizer, version, timings))
+        return [[s for _ in batch for s in next(groups)] for batch in batches]
 
     def _generate(self, prompts, params):
         with self._weights_lock:

@@ -18,7 +18,7 @@ def test_async_speedup_smoke(ray_local, model_cache, capsys):
 
     async_speedup.main([f"model.cache_dir={model_cache}", "--smoke", "--latency-ms", "20", "--staleness", "0", "1"])
     out = capsys.readouterr().out
-    assert "simulated verifier latency: 20.0 ms per group (given)" in out
+    assert "simulated verifier latency: 20.0 ms per request (given)" in out
     v = last_line(out, "async_speedup")
     assert v["sync_steps_per_h"] > 0 and v["async_steps_per_h"] > 0
     assert v["limit"] >= 1.0 and v["ratio"] == pytest.approx(v["async_steps_per_h"] / v["sync_steps_per_h"], rel=1e-2)
@@ -40,5 +40,5 @@ def test_queue_scale_smoke(ray_local, capsys):
     queue_scale.main(["--smoke"])  # checks the queue's accounting identity after every measurement
     out = capsys.readouterr().out
     v = last_line(out, "queue_scale")
-    assert v["samples_per_s"] > 0 and v["p99_ms"] > 0 and v["producers"] == 4
+    assert v["samples_per_s"] > 0 and v["p99_ms"] > 0 and v["producers"] == 4 and v["groups_per_request"] == 8
     assert re.search(r"tokens=64: [\d.]+ KiB per queued sample", out)

@@ -3,7 +3,7 @@
 import pytest
 
 from relaxrl.engines.base import Generation
-from relaxrl.groups import GroupRequest, prompts_of, samples_from_generations
+from relaxrl.groups import GroupRequest, groups_per_request, prompts_of, samples_from_generations
 
 
 class _Tok:
@@ -30,3 +30,21 @@ def test_generation_count_mismatch_is_an_error():
     with pytest.raises(ValueError, match="2 generations for 3"):
         samples_from_generations([GroupRequest("g0", [1], n=3)], [Generation([1], [0.0], "length")] * 2,
                                  _Tok(), 0, {})
+
+
+@pytest.mark.parametrize("configured, batch_max, per_step, replicas, expected", [
+    (0, 8, 8, 1, 8),  # one request per step keeps the single replica's generate call full
+    (0, 8, 8, 4, 2),  # enough requests to reach every replica
+    (0, 4, 8, 1, 4),  # never more than one generate call may hold
+    (0, 1, 8, 1, 1),  # batch_max_groups=1: one group per call (reproducible seeds)
+    (3, 8, 8, 1, 3),  # set explicitly
+])
+def test_groups_per_request(configured, batch_max, per_step, replicas, expected):
+    assert groups_per_request(configured, batch_max, per_step, replicas) == expected
+
+
+def test_groups_per_request_rejects_what_no_generate_call_can_hold():
+    with pytest.raises(ValueError, match="groups_per_request=9 exceeds rollout.batch_max_groups=8"):
+        groups_per_request(9, 8, 8, 1)
+    with pytest.raises(ValueError, match="groups_per_request >= 0"):
+        groups_per_request(-1, 8, 8, 1)

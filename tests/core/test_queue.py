@@ -235,3 +235,41 @@ def test_stale_drop_while_trainer_waits_wakes_blocked_producers(ray_local):
     assert ray.get(actor.metrics.remote())["dropped_by_reason"] == {"stale": 1}
     ray.get(actor.check_accounting.remote())
     ray.kill(actor)
+
+
+def test_admit_up_to_stops_at_capacity():
+    q = StalenessQueue(groups_per_step=2, group_size=1, max_staleness=1)
+    assert q.admit_up_to(3) == [0, 1, 2]
+    assert q.admit_up_to(3) == [3]  # capacity (0 + 1 + 1) * 2 = 4
+    assert q.admit_up_to(3) == []
+
+
+def test_actor_admits_many_abandons_many_and_bumps_version_with_get_batch(ray_local):
+    """One call admits a request's groups; one call gives a failed request's groups back; the
+    trainer's new version rides on its batch request."""
+    ray = ray_local
+    actor = ray.remote(QueueActor).options(max_concurrency=100).remote(
+        groups_per_step=2, group_size=1, max_staleness=0, required_fields=FIELDS)
+
+    async def main():
+        assert await actor.admit_many.remote(8) == [0, 1]  # capacity 2 at version 0
+        blocked = asyncio.ensure_future(actor.admit_many.remote(8))
+        await actor.abandon_many.remote(["g0", "g1"], "error_test")  # both slots come back
+        assert await asyncio.wait_for(blocked, 10.0) == [2, 3]
+        await actor.put.remote(make_group(2, 1, 0) + make_group(3, 1, 0))  # two groups, one call
+        assert [s.uid for s in await actor.get_batch.remote(2, 10.0, 0)] == ["g2/0", "g3/0"]
+        waiting = asyncio.ensure_future(actor.admit_many.remote(8))
+        batch = asyncio.ensure_future(actor.get_batch.remote(2, 10.0, 1))  # version 1 opens capacity
+        assert await asyncio.wait_for(waiting, 10.0) == [4, 5]
+        await actor.put.remote(make_group(4, 1, 1) + make_group(5, 1, 1))
+        assert len(await batch) == 2
+        with pytest.raises(ray.exceptions.RayTaskError, match="n >= 1"):
+            await actor.admit_many.remote(0)
+        await actor.close.remote()
+        assert await actor.admit_many.remote(2) is None
+
+    asyncio.run(main())
+    m = ray.get(actor.metrics.remote())
+    assert m["version"] == 1 and m["dropped_by_reason"] == {"error_test": 2} and m["consumed_groups"] == 4
+    ray.get(actor.check_accounting.remote())
+    ray.kill(actor)

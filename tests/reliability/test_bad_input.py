@@ -79,6 +79,16 @@ def test_empty_response_scores_zero_or_is_dropped_by_name():
     q.check_accounting()
 
 
+def test_samples_of_several_groups_are_verified_against_their_own_task():
+    guard = GuardedVerifier(lambda text, task: float(text == task.answer))
+    other = Sample(uid="g1/0", group_id="g1", index=0, prompt_ids=[3], response_ids=[5], behaviour_logprobs=[-0.5],
+                   policy_version=0, response_text="3")
+    tasks = {"g0": TASK, "g1": Task(task_id="t2", prompt="1+2=", answer="3")}
+    assert [s.reward for s in asyncio.run(guard.score([sample(), other], tasks))] == [1.0, 1.0]
+    with pytest.raises(KeyError, match="sample g1/0: no task for group 'g1'"):
+        asyncio.run(guard.score([other], {"g0": TASK}))
+
+
 @pytest.mark.ray
 def test_prompt_longer_than_the_context_is_rejected_and_counted(ray_local, caplog):
     queue = ray.remote(QueueActor).options(max_concurrency=100).remote(

@@ -22,9 +22,11 @@ pytestmark = [pytest.mark.ray, pytest.mark.fault]
 
 def test_killed_rollout_reward_and_teacher_replicas_are_replaced_and_the_run_finishes(
         ray_local, tmp_path, model_cache):
-    # Asynchronous run with a KL reference, so all of rollout, reward and teacher are deployed.
+    # Asynchronous run with a KL reference, so all of rollout, reward and teacher are deployed. The
+    # verifier waits 0.3 s per request, so a request in production is inside a replica when the kill lands.
     cfg = make_cfg(tmp_path, model_cache, "trainer.steps=10", "rollout.max_staleness=2", "rollout.group_size=4",
-                   "rollout.groups_per_step=2", "algorithm.kl_coef=0.05", "faults.max_retries=4")
+                   "rollout.groups_per_step=2", "algorithm.kl_coef=0.05", "faults.max_retries=4",
+                   "reward.simulated_latency_s=0.3")
     t, box = in_thread(run_experiment, cfg)
     metrics = tmp_path / "metrics.jsonl"
     wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 3, 180, "step 3", box)
