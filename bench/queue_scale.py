@@ -3,7 +3,7 @@
 N producer actors (1, 4, 16) admit groups and put them as the driver's producers do: up to
 ``--groups-per-request`` groups admitted in one call and put in one call (the driver's default is
 8 for the quickstart; 1 shows the cost per group). One consumer takes batches and bumps the policy
-version with its batch request, as the trainer does. Samples carry 64- or 1,024-token responses
+version after each batch, as the trainer does. Samples carry 64- or 1,024-token responses
 (with per-token log-probs and loss mask). Memory per queued sample is measured in-process with
 tracemalloc.
 
@@ -67,14 +67,15 @@ class Producer:
 async def consume(queue, steps: int) -> tuple[float, list[float], int]:
     latencies, samples = [], 0
     t_start = None
-    for version in range(steps):
+    for version in range(1, steps + 1):  # the trainer's two queue calls per step
         t0 = time.perf_counter()
-        batch = await queue.get_batch.remote(GROUPS_PER_STEP, 120.0, version)  # the trainer's call
+        batch = await queue.get_batch.remote(GROUPS_PER_STEP, 120.0)
         latencies.append(time.perf_counter() - t0)
         if t_start is None:  # start the clock once the pipeline is full
             t_start = time.perf_counter()
         else:
             samples += len(batch)
+        await queue.set_version.remote(version)
     return time.perf_counter() - t_start, latencies, samples
 
 

@@ -1,10 +1,11 @@
 """The two loops of a run, as asyncio tasks calling the role deployments.
 
     produce:  admit groups → rollout.generate → reward.score → (teacher.score) → queue.put
-    train:    queue.get_batch(version v) → actor.train_step (publishes weights v+1) → ...
+    train:    queue.get_batch → actor.train_step (publishes weights v+1) → queue.set_version(v+1)
 
 A request carries several prompt groups (``rollout.groups_per_request``), so each role call and
-each queue call is paid per request, not per group. Several ``produce`` tasks run at once; the
+each queue call is paid per request, not per group. The trainer gets step k+1's request while it
+still trains step k, so it never waits on the driver between steps. Several ``produce`` tasks run at once; the
 queue's admission gate bounds how far ahead of the trainer they may get, so with
 ``max_staleness >= 1`` generation overlaps training and with 0 it alternates with it. The driver
 never holds a batch: samples flow between roles as object refs.
@@ -202,25 +203,34 @@ async def train(roles: Roles, cfg: DictConfig, monitor: Monitor, stats: RunResul
     if on_step is not None and stats.start_step == 0:
         await on_step(roles, 0, {})
     version = stats.start_version
+    ahead = None  # the next step's request, sent while this one trains
+
+    def send(train_version: int) -> Any:
+        batch_ref = roles.queue.get_batch.remote(cfg.rollout.groups_per_step, tr.get_batch_timeout_s, train_version)
+        return roles.actor.train_step.remote([batch_ref], train_version)
+
     for step in range(stats.start_step + 1, tr.steps + 1):
-        # The new version rides on the batch request: one queue round trip per step, not two.
-        batch_ref = roles.queue.get_batch.remote(cfg.rollout.groups_per_step, tr.get_batch_timeout_s, version)
+        response, ahead = ahead or send(version), None
+        checkpoint_due = bool(tr.checkpoint_every) and step % tr.checkpoint_every == 0
+        if step < tr.steps and on_step is None and not checkpoint_due:
+            # Step k+1 fetches and collates its batch while step k trains, and trains as soon as
+            # step k is done: the trainer does not wait on the driver between steps. Not before a
+            # checkpoint or a step hook, which need no batch taken and untrained.
+            ahead = send(version + 1)
         try:
-            metrics = await roles.actor.train_step.remote([batch_ref], version)
+            metrics = await response
+            if metrics["version"] <= version:  # Serve restarted the actor from the initial weights
+                raise TrainerLost(f"step {step}: the trainer came back at version {metrics['version']} after "
+                                  f"{version}; its state is lost: continue the run with resume=true")
         except Exception as e:
-            if not (is_retryable(e) or isinstance(e, ReplicaStateLost)):
+            if ahead is not None:
+                ahead.cancel()
+            if isinstance(e, TrainerLost) or not (is_retryable(e) or isinstance(e, ReplicaStateLost)):
                 raise
             raise TrainerLost(f"step {step}: the trainer replica was lost ({type(e).__name__}); continue the run "
                               f"with resume=true (newest checkpoint in {cfg.run_dir}/checkpoints)") from e
-        if metrics["version"] <= version:  # Serve restarted the actor from the initial weights
-            raise TrainerLost(f"step {step}: the trainer came back at version {metrics['version']} after "
-                              f"{version}; its state is lost: continue the run with resume=true")
         version = metrics["version"]
-        checkpoint_due = bool(tr.checkpoint_every) and step % tr.checkpoint_every == 0
-        if checkpoint_due or step == tr.steps or on_step is not None:
-            # A checkpoint and the run's end record the queue at this version; a step hook (e.g. an
-            # evaluation) may take a while, and the rollout should go on meanwhile.
-            await roles.queue.set_version.remote(version)
+        await roles.queue.set_version.remote(version)  # published: admission opens for the next groups
         stats.steps = step
         stats.rewards.append(metrics["reward_mean"])
         for stage in ("train", "publish"):

@@ -179,13 +179,18 @@ class StalenessQueue:
     def ready_groups(self) -> int:
         return sum(g.complete for g in self._groups.values())
 
-    def take(self, num_groups: int) -> Optional[list[Sample]]:
+    def take(self, num_groups: int, train_version: Optional[int] = None) -> Optional[list[Sample]]:
         """Up to-date complete groups for one step, oldest policy version first; None if too few.
 
-        Groups that became too stale while waiting are dropped here, never returned.
+        ``train_version``: the policy version the batch will be trained by (default: the current
+        version; the trainer asks one step ahead while it still trains the step before). Groups
+        staler than ``max_staleness`` relative to it are dropped here, never returned.
         """
+        v = self.version if train_version is None else train_version
+        if v < self.version:
+            raise QueueError(f"a batch for version {v} asked at version {self.version}")
         for gid in [g for g, grp in self._groups.items() if grp.complete]:
-            if self.version - self._groups[gid].min_version() > self.max_staleness:
+            if v - self._groups[gid].min_version() > self.max_staleness:
                 self._drop(gid, "stale")
         ready = [(g.min_version(), g.seq, gid) for gid, g in self._groups.items() if g.complete]
         if len(ready) < num_groups:
@@ -195,7 +200,7 @@ class StalenessQueue:
             group = self._groups.pop(gid)
             for idx in sorted(group.samples):
                 s = group.samples[idx]
-                self.staleness_hist[self.version - s.policy_version] += 1
+                self.staleness_hist[v - s.policy_version] += 1
                 batch.append(s)
             self.consumed_groups += 1
         self.consumed_samples += len(batch)
@@ -317,6 +322,7 @@ class QueueActor:
         self.q = StalenessQueue(**kwargs)
         self._capacity = asyncio.Condition()  # producers waiting for admission
         self._ready = asyncio.Condition()  # the trainer waiting for a batch
+        self._taking = asyncio.Lock()  # batch requests are served one at a time, oldest first
         self._closed = False
 
     @staticmethod
@@ -359,13 +365,9 @@ class QueueActor:
         self.q.note_retry(reason)
 
     async def get_batch(self, num_groups: int, timeout_s: Optional[float] = None,
-                        version: Optional[int] = None) -> Optional[list[Sample]]:
-        """Wait until ``num_groups`` complete fresh groups are ready; None once closed.
-
-        ``version``: the trainer's new policy version, set first (as ``set_version``): the trainer
-        saves a round trip per step on its critical path."""
-        if version is not None:
-            await self.set_version(version)
+                        train_version: Optional[int] = None) -> Optional[list[Sample]]:
+        """Wait until ``num_groups`` complete groups fresh for ``train_version`` (default: the
+        current version) are ready; None once closed."""
         batch: Optional[list[Sample]] = None
 
         def ready() -> bool:
@@ -373,13 +375,14 @@ class QueueActor:
             if self._closed:
                 return True
             dropped = self.q.dropped_groups
-            batch = self.q.take(num_groups)
+            batch = self.q.take(num_groups, train_version)
             if self.q.dropped_groups != dropped:  # stale groups dropped in take() free admission slots
                 asyncio.get_running_loop().create_task(self._wake(self._capacity))
             return batch is not None
 
-        async with self._ready:
-            await asyncio.wait_for(self._ready.wait_for(ready), timeout_s)
+        async with self._taking:  # in order: a request one step ahead must not drop the groups the one before waits for
+            async with self._ready:
+                await asyncio.wait_for(self._ready.wait_for(ready), timeout_s)
         return batch
 
     async def set_version(self, version: int) -> None:

@@ -109,12 +109,10 @@ class TensorBatch:
         )
 
 
-def _aligned(values: Sequence[float], prompt_len: int, width: int) -> torch.Tensor:
-    """Place per-response-token values at their target columns in a ``[width]`` row."""
-    row = torch.zeros(width, dtype=torch.float32)
-    if values:
-        row[prompt_len - 1 : prompt_len - 1 + len(values)] = torch.tensor(values, dtype=torch.float32)
-    return row
+def _padded(rows: Sequence[Sequence[float]], starts: Sequence[int], width: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[len(rows), width]`` tensor with ``rows[i]`` placed at column ``starts[i]``, zeros elsewhere.
+    Built as Python lists and converted once: a tensor per row costs more than the data itself."""
+    return torch.tensor([[0] * st + list(r) + [0] * (width - st - len(r)) for r, st in zip(rows, starts)], dtype=dtype)
 
 
 def collate(samples: Sequence[Sample], pad_id: int) -> TensorBatch:
@@ -130,28 +128,21 @@ def collate(samples: Sequence[Sample], pad_id: int) -> TensorBatch:
                 f"{len(s.response_ids)} response tokens"
             )
     width = max(len(s.prompt_ids) + len(s.response_ids) for s in samples)
-    bsz = len(samples)
-    input_ids = torch.full((bsz, width), pad_id, dtype=torch.long)
-    attention = torch.zeros((bsz, width), dtype=torch.long)
-    loss_mask = torch.zeros((bsz, width - 1))
-    behaviour = torch.zeros((bsz, width - 1))
+    seqs = [list(s.prompt_ids) + list(s.response_ids) for s in samples]
+    input_ids = torch.tensor([q + [pad_id] * (width - len(q)) for q in seqs], dtype=torch.long)
+    attention = _padded([[1] * len(q) for q in seqs], [0] * len(seqs), width, torch.long)
+    # Per-token values sit at their target columns: response token j of a prompt of length p is
+    # predicted at column p - 1 + j.
+    starts = [len(s.prompt_ids) - 1 for s in samples]
+    masks = [s.loss_mask if s.loss_mask else [1] * len(s.response_ids) for s in samples]
+    loss_mask = _padded(masks, starts, width - 1, torch.float32)
+    behaviour = _padded([s.behaviour_logprobs for s in samples], starts, width - 1, torch.float32)
     has_ref = all(s.ref_logprobs is not None for s in samples)
     has_teacher = all(s.teacher_logprobs is not None for s in samples)
-    ref = torch.zeros((bsz, width - 1)) if has_ref else None
-    teacher = torch.zeros((bsz, width - 1)) if has_teacher else None
+    ref = _padded([s.ref_logprobs for s in samples], starts, width - 1, torch.float32) if has_ref else None
+    teacher = _padded([s.teacher_logprobs for s in samples], starts, width - 1, torch.float32) if has_teacher else None
     group_of: dict[str, int] = {}
-    for i, s in enumerate(samples):
-        ids = list(s.prompt_ids) + list(s.response_ids)
-        input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        attention[i, : len(ids)] = 1
-        p = len(s.prompt_ids)
-        mask = s.loss_mask if s.loss_mask else [1] * len(s.response_ids)
-        loss_mask[i] = _aligned([float(m) for m in mask], p, width - 1)
-        behaviour[i] = _aligned(s.behaviour_logprobs, p, width - 1)
-        if ref is not None:
-            ref[i] = _aligned(s.ref_logprobs, p, width - 1)
-        if teacher is not None:
-            teacher[i] = _aligned(s.teacher_logprobs, p, width - 1)
+    for s in samples:
         group_of.setdefault(s.group_id, len(group_of))
     return TensorBatch(
         input_ids=input_ids,

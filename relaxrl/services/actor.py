@@ -7,6 +7,7 @@ import json
 import os
 import random
 import time
+from collections import Counter
 from typing import Any, Optional
 
 import ray
@@ -78,40 +79,58 @@ class Actor:
         self.trained_count = 0  # samples trained on by this actor (and the runs it resumed)
         self.watch = RequestWatch(hang_timeout_s)
         self.publish_timeout_s = publish_timeout_s
+        self._turn = asyncio.Condition()  # steps train one at a time, in version order
+        self._arrived: Counter = Counter()  # expected versions of the steps here, not yet training
+        self._training = False
+        self._publishing: Optional[asyncio.Future] = None  # the newest publication; the next one waits for it
 
     async def train_step(self, batch_ref: list[Any], expect_version: Optional[int] = None) -> dict:
         """One step on the queue batch behind ``batch_ref`` (``[ObjectRef]``: fetched here, so the
-        samples never pass through the driver). Returns metrics; weights are published first.
+        samples never pass through the driver). Returns metrics once the new weights are published.
 
-        ``expect_version``: the version the driver last saw; a replica Serve restarted from the
-        initial weights refuses to train rather than silently start over."""
-        from relaxrl.faults import ReplicaStateLost
-
-        if expect_version is not None and self.engine.version != expect_version:
-            raise ReplicaStateLost(f"the trainer is at version {self.engine.version}, the run at {expect_version}: "
-                                   "this replica was restarted and lost the training state")
-        samples: list[Sample] = await batch_ref[0]
-        if not samples:
-            raise ValueError("train_step got an empty batch")
-        duplicated = [s.uid for s in samples if s.uid in self.trained_uids]
-        if duplicated:
-            raise RuntimeError(f"samples trained twice: {duplicated[:5]}")
-        self.trained_uids.update(s.uid for s in samples)
-        self.trained_count += len(samples)
-        trained_on = self.engine.version
-        start = time.time()
-        batch = self.algorithm.prepare(collate(samples, self.pad_id))
-        metrics = await asyncio.to_thread(self.watch.wrap(self.engine.train_step), batch, self.algorithm.loss)
-        end = time.time()
-        publish_start = time.time()
-        publish_bytes = await self._publish()
+        ``expect_version``: the version this step trains from. The driver may send step k+1 while
+        step k still trains: it fetches and collates its batch meanwhile and trains when the
+        version reaches ``expect_version``. A replica Serve restarted from the initial weights
+        refuses to train rather than silently start over."""
+        self._arrived[expect_version] += 1  # at once: steps arrive in the order the driver sent them
+        try:
+            samples: list[Sample] = await batch_ref[0]
+            if not samples:
+                raise ValueError("train_step got an empty batch")
+            collated = await asyncio.to_thread(collate, samples, self.pad_id)  # overlaps the step before
+            async with self._turn:
+                await self._turn.wait_for(lambda: self._my_turn(expect_version))
+                self._training = True
+        finally:
+            async with self._turn:  # a step that fails before training lets the next one see it
+                self._arrived[expect_version] -= 1
+                self._turn.notify_all()
+        try:
+            duplicated = [s.uid for s in samples if s.uid in self.trained_uids]
+            if duplicated:
+                raise RuntimeError(f"samples trained twice: {duplicated[:5]}")
+            self.trained_uids.update(s.uid for s in samples)
+            self.trained_count += len(samples)
+            trained_on = self.engine.version
+            start = time.time()
+            batch = self.algorithm.prepare(collated)
+            metrics = await asyncio.to_thread(self.watch.wrap(self.engine.train_step), batch, self.algorithm.loss)
+            end = time.time()
+            publish_start = time.time()
+            new_version = self.engine.version
+            publish = await self._export()
+        finally:
+            async with self._turn:
+                self._training = False
+                self._turn.notify_all()
+        publish_bytes = await publish
         publish_end = time.time()
         rewards = [s.reward for s in samples]
         staleness = [trained_on - s.policy_version for s in samples]
         return {
             **metrics,
             **{f"algo/{k}": v for k, v in batch.scalars.items()},
-            "version": self.engine.version,
+            "version": new_version,
             "samples": len(samples),
             "reward_mean": sum(rewards) / len(rewards),
             "staleness_mean": sum(staleness) / len(staleness),
@@ -127,19 +146,47 @@ class Actor:
             "trained": [[s.uid, s.policy_version] for s in samples],  # the audit log, in training order
         }
 
-    async def _publish(self) -> int:
+    def _my_turn(self, expect_version: Optional[int]) -> bool:
+        """True when this step may train; raises when it never will (lost state, out of order)."""
+        from relaxrl.faults import ReplicaStateLost
+
+        if self._training:  # the step before is training: wait for it
+            return False
+        v = self.engine.version
+        if expect_version is None or v == expect_version:
+            return True
+        if v < expect_version and self._arrived[v] > 0:  # the step training from v is here, not yet training
+            return False
+        raise ReplicaStateLost(f"the trainer is at version {v}, this step expects {expect_version}: the step before "
+                               "it failed, or this replica was restarted and lost the training state")
+
+    async def _export(self) -> "asyncio.Future[int]":
+        """Copy the new weights out of the model (under the step's turn, so the next step cannot
+        change them first) and start publishing them; returns the publication (its byte count).
+        Publications run in version order, each after the one before."""
         from relaxrl.weights import publish_with_timeout
 
         if self.sender is not None:  # every rollout replica receives this version before we go on
             stats = await asyncio.to_thread(self.sender.send, self.engine.model, self.engine.version)
-            return stats.bytes
+            return _done(stats.bytes)
         if self.store is None:
-            return 0
-        payload = self.engine.export_weights()
-        ref = ray.put(payload)
-        await publish_with_timeout(self.store, payload.version, [ref], payload.kind, payload.nbytes,
-                                   self.publish_timeout_s)
-        return payload.nbytes
+            return _done(0)
+        payload = await asyncio.to_thread(self.engine.export_weights)
+        previous = self._publishing
+
+        async def publish() -> int:
+            if previous is not None:
+                await asyncio.gather(previous, return_exceptions=True)  # its own step reports a failure
+            await publish_with_timeout(self.store, payload.version, [ray.put(payload)], payload.kind,
+                                       payload.nbytes, self.publish_timeout_s)
+            return payload.nbytes
+
+        # A task, not a coroutine: it runs even if this request is cancelled, so the next never waits on it forever.
+        self._publishing = asyncio.ensure_future(publish())
+        return self._publishing
+
+    async def _publish(self) -> int:
+        return await (await self._export())
 
     async def save_checkpoint(self, path: str) -> str:
         """Engine state plus what the actor keeps: trained uids (so none is trained twice after a
@@ -198,3 +245,9 @@ def _set_numpy_rng_state(state: list) -> None:
 
     name, keys, pos, has_gauss, gauss = state
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+
+
+def _done(value: int) -> "asyncio.Future[int]":
+    done = asyncio.get_running_loop().create_future()
+    done.set_result(value)
+    return done

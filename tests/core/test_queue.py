@@ -244,9 +244,8 @@ def test_admit_up_to_stops_at_capacity():
     assert q.admit_up_to(3) == []
 
 
-def test_actor_admits_many_abandons_many_and_bumps_version_with_get_batch(ray_local):
-    """One call admits a request's groups; one call gives a failed request's groups back; the
-    trainer's new version rides on its batch request."""
+def test_actor_admits_many_and_abandons_many(ray_local):
+    """One call admits a request's groups; one call gives a failed request's groups back."""
     ray = ray_local
     actor = ray.remote(QueueActor).options(max_concurrency=100).remote(
         groups_per_step=2, group_size=1, max_staleness=0, required_fields=FIELDS)
@@ -257,10 +256,11 @@ def test_actor_admits_many_abandons_many_and_bumps_version_with_get_batch(ray_lo
         await actor.abandon_many.remote(["g0", "g1"], "error_test")  # both slots come back
         assert await asyncio.wait_for(blocked, 10.0) == [2, 3]
         await actor.put.remote(make_group(2, 1, 0) + make_group(3, 1, 0))  # two groups, one call
-        assert [s.uid for s in await actor.get_batch.remote(2, 10.0, 0)] == ["g2/0", "g3/0"]
+        assert [s.uid for s in await actor.get_batch.remote(2, 10.0)] == ["g2/0", "g3/0"]
         waiting = asyncio.ensure_future(actor.admit_many.remote(8))
-        batch = asyncio.ensure_future(actor.get_batch.remote(2, 10.0, 1))  # version 1 opens capacity
+        await actor.set_version.remote(1)  # opens capacity
         assert await asyncio.wait_for(waiting, 10.0) == [4, 5]
+        batch = asyncio.ensure_future(actor.get_batch.remote(2, 10.0))
         await actor.put.remote(make_group(4, 1, 1) + make_group(5, 1, 1))
         assert len(await batch) == 2
         with pytest.raises(ray.exceptions.RayTaskError, match="n >= 1"):
@@ -271,5 +271,49 @@ def test_actor_admits_many_abandons_many_and_bumps_version_with_get_batch(ray_lo
     asyncio.run(main())
     m = ray.get(actor.metrics.remote())
     assert m["version"] == 1 and m["dropped_by_reason"] == {"error_test": 2} and m["consumed_groups"] == 4
+    ray.get(actor.check_accounting.remote())
+    ray.kill(actor)
+
+
+def test_a_batch_asked_one_version_ahead_is_fresh_for_that_version():
+    """The trainer asks for step k+1's batch while it trains step k: staleness counts against the
+    version that will train it, while admission still follows the published version."""
+    q = StalenessQueue(groups_per_step=1, group_size=1, max_staleness=1)
+    for v in (0, 0):
+        q.put(make_group(q.admit(), 1, v))
+    assert not q.can_admit()  # capacity (0 + 1 + 1) * 1 = 2: not raised by asking ahead
+    assert [s.uid for s in q.take(1, train_version=1)] == ["g0/0"]
+    assert q.staleness_hist == {1: 1}
+    assert q.take(1, train_version=2) is None  # g1 (version 0) would be 2 versions stale
+    assert q.metrics()["dropped_by_reason"] == {"stale": 1}
+    q.set_version(2)
+    with pytest.raises(QueueError, match="a batch for version 1 asked at version 2"):
+        q.take(1, train_version=1)
+    q.check_accounting()
+
+
+def test_batch_requests_are_served_in_order(ray_local):
+    """The trainer's request for step k+1 waits behind step k's: it must neither take nor drop as
+    stale the groups step k is still waiting for."""
+    ray = ray_local
+    actor = ray.remote(QueueActor).options(max_concurrency=100).remote(
+        groups_per_step=2, group_size=1, max_staleness=0, required_fields=FIELDS)
+
+    async def main():
+        assert await actor.admit_many.remote(2) == [0, 1]
+        first = asyncio.ensure_future(actor.get_batch.remote(2, 30.0, 0))
+        ahead = asyncio.ensure_future(actor.get_batch.remote(2, 30.0, 1))
+        await asyncio.sleep(0.2)
+        await actor.put.remote(make_group(0, 1, 0))  # half of step 0's batch: stale for step 1
+        await asyncio.sleep(0.2)
+        await actor.put.remote(make_group(1, 1, 0))
+        assert [s.uid for s in await first] == ["g0/0", "g1/0"]
+        await actor.set_version.remote(1)
+        assert await actor.admit_many.remote(2) == [2, 3]
+        await actor.put.remote(make_group(2, 1, 1) + make_group(3, 1, 1))
+        assert [s.uid for s in await ahead] == ["g2/0", "g3/0"]
+
+    asyncio.run(main())
+    assert ray.get(actor.metrics.remote())["dropped_groups"] == 0
     ray.get(actor.check_accounting.remote())
     ray.kill(actor)
