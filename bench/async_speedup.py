@@ -1,23 +1,28 @@
 """Asynchronous speed-up against its limit, measured side by side in one run.
 
-The same GRPO experiment (tiny model, CPU, fixed seed) runs with ``max_staleness`` 0, 1 and 2.
-The reward role waits ``--latency-ms`` per request (the groups of one request are verified
-concurrently): a *simulated verifier latency* standing in for a
+The same GRPO experiment (the quickstart's tiny model and task with 16 groups of 16 responses per
+step, CPU, fixed seeds) runs with ``max_staleness`` 0, 1 and 2, repeated ``--repeats`` times
+interleaved (one seed per repeat). The reward role waits ``--latency-ms`` per request (the groups
+of one request are verified concurrently): a *simulated verifier latency* standing in for a
 sandboxed code run, tool call or judge model (I/O-bound: wall time, no CPU). By default it is
-calibrated so that generation + reward take about as long as training + weight publication.
+calibrated so that generation + reward take about as long as training + weight publication. The
+trainer is pinned to one CPU and the other roles kept off it (``trainer.cpus``; ``--trainer-cpu -1``
+turns that off).
 
-From the synchronous run's own stage measurements, the overlap limit is
+From each synchronous run's own stage measurements, the overlap limit is
 ``(gen + reward + train + weight sync per step) / (largest of them)``; efficiency is the measured
-async/sync step-rate ratio divided by that limit. Sample efficiency: mean reward after the same
-number of trained samples, sync vs async.
+async/sync step-rate ratio divided by that limit (medians over the repeats). Sample efficiency:
+mean reward (over seeds) after the same number of trained samples, sync vs async.
 
-    python bench/async_speedup.py            # full (~10 min on 2 cores)
+    python bench/async_speedup.py            # full (~13 min on 2 cores)
     python bench/async_speedup.py --smoke    # seconds; what the test suite runs
 """
 
 from __future__ import annotations
 
 import argparse
+from collections import Counter
+from statistics import fmean, median
 
 from common import RESULTS_DIR, bench_dir, compose, fmt, run, steady_steps_per_s, window_mean
 
@@ -26,13 +31,13 @@ from common import RESULTS_DIR, bench_dir, compose, fmt, run, steady_steps_per_s
 def overrides(args: argparse.Namespace, staleness: int, latency_s: float, steps: int) -> list[str]:
     return [
         "+experiment=quickstart",
-        f"seed={args.seed}",
         f"run_dir={bench_dir(f's{staleness}')}",
         f"rollout.max_staleness={staleness}",
         f"rollout.group_size={args.group_size}",
         f"rollout.groups_per_step={args.groups_per_step}",
         f"reward.simulated_latency_s={latency_s}",
         f"trainer.steps={steps}",
+        *([f"trainer.cpus=[{args.trainer_cpu}]"] if args.trainer_cpu >= 0 else []),
         "trainer.save_final=false",
         "logger.progress=false",
         *args.override,
@@ -56,7 +61,7 @@ def overlap_limit(stages: dict[str, float]) -> float:
 
 def calibrate_latency(args: argparse.Namespace) -> float:
     """Reward latency making gen + reward ≈ train + sync, from a short synchronous run."""
-    summary, _ = run(compose(*overrides(args, 0, 0.0, args.calibration_steps)))
+    summary, _ = run(compose(*overrides(args, 0, 0.0, args.calibration_steps), f"seed={args.seed}"))
     st = sync_stage_times(summary)
     return max(0.0, st["train"] + st["sync"] - st["gen"] - st["reward"])
 
@@ -91,53 +96,71 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--calibration-steps", type=int, default=30)
-    p.add_argument("--group-size", type=int, default=8)
-    p.add_argument("--groups-per-step", type=int, default=8)
+    p.add_argument("--group-size", type=int, default=16)
+    p.add_argument("--groups-per-step", type=int, default=16)
+    p.add_argument("--trainer-cpu", type=int, default=0,
+                   help="pin the trainer to this CPU and the other roles off it (trainer.cpus); -1: no pinning")
     p.add_argument("--latency-ms", type=float, default=None, help="simulated verifier latency; default: calibrated")
-    p.add_argument("--async-staleness", type=int, default=1, choices=(1, 2), help="the run reported as 'async'")
+    p.add_argument("--async-staleness", type=int, default=2, choices=(1, 2),
+                   help="the run reported as 'async' (default 2: the quickstart's max_staleness)")
     p.add_argument("--staleness", type=int, nargs="+", default=[0, 1, 2], help="runs; 0 is the baseline")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats (seeds seed, seed+1, ...)")
     p.add_argument("--smoke", action="store_true", help="a few steps, no plot: checks the bench runs")
     p.add_argument("--plot", default=f"{RESULTS_DIR}/async_speedup.png")
     p.add_argument("override", nargs="*", help="extra Hydra overrides for every run")
     args = p.parse_args(argv)
     if args.smoke:
-        args.steps, args.calibration_steps, args.plot = 4, 3, None
+        args.steps, args.calibration_steps, args.plot, args.repeats = 4, 3, None, 1
     if 0 not in args.staleness or args.async_staleness not in args.staleness:
         p.error(f"--staleness must include 0 and --async-staleness={args.async_staleness}")
 
     latency = args.latency_ms / 1000 if args.latency_ms is not None else calibrate_latency(args)
     print(f"simulated verifier latency: {latency * 1000:.1f} ms per request "
           f"({'given' if args.latency_ms is not None else 'calibrated: gen + reward ~ train + sync'})")
-    results = {s: run(compose(*overrides(args, s, latency, args.steps))) for s in args.staleness}
+    # Repeats interleave the staleness settings (0, 1, 2, 0, 1, 2, ...) with one seed per repeat, so
+    # each ratio compares runs taken minutes apart; the medians damp this machine's noise.
+    results: dict[int, list[tuple[dict, list[dict]]]] = {s: [] for s in args.staleness}
+    for rep in range(args.repeats):
+        for s in args.staleness:
+            results[s].append(run(compose(*overrides(args, s, latency, args.steps), f"seed={args.seed + rep}")))
 
-    stages = sync_stage_times(results[0][0])
-    limit = overlap_limit(stages)
-    print("sync stage ms per step: " + fmt({k: v * 1000 for k, v in stages.items()}) + f" limit={limit:.3f}")
-    rate = {s: steady_steps_per_s(recs) * 3600 for s, (_, recs) in results.items()}
-    for s, (summary, _) in results.items():
-        print(f"max_staleness={s}: steps_per_h={rate[s]:.0f} ratio_vs_sync={rate[s] / rate[0]:.3f} "
-              f"staleness_hist={summary['staleness_hist']} dropped={summary['dropped']}")
+    a = args.async_staleness
+    rates = {s: [steady_steps_per_s(recs) * 3600 for _, recs in runs] for s, runs in results.items()}
+    limits, ratios = [], []
+    for rep in range(args.repeats):
+        stages = sync_stage_times(results[0][rep][0])
+        limits.append(overlap_limit(stages))
+        ratios.append(rates[a][rep] / rates[0][rep])
+        print(f"repeat {rep} (seed {args.seed + rep}): sync stage ms per step: "
+              + fmt({k: v * 1000 for k, v in stages.items()}) + f" limit={limits[-1]:.3f} "
+              + " ".join(f"s{s}_steps_per_h={rates[s][rep]:.0f}" for s in args.staleness)
+              + f" ratio={ratios[-1]:.3f} efficiency={ratios[-1] / limits[-1]:.3f}")
+    for s, runs in results.items():
+        hist = sum((Counter(summary["staleness_hist"]) for summary, _ in runs), Counter())
+        print(f"max_staleness={s}: steps_per_h={median(rates[s]):.0f} (median of {args.repeats}) "
+              f"ratio_vs_sync={median(rates[s]) / median(rates[0]):.3f} staleness_hist={dict(sorted(hist.items()))} "
+              f"dropped={sum(summary['dropped'] for summary, _ in runs)}")
 
     # Sample efficiency: every step trains the same number of samples, so equal steps = equal samples.
+    # Curves are the mean over repeats (seeds): one run's batch reward is noisy.
     per_step = args.group_size * args.groups_per_step
-    width = max(1, args.steps // 5)  # a fifth of the run: one step's batch reward is noisy
-    rewards = {s: [r["reward_mean"] for r in recs] for s, (_, recs) in results.items()}
+    width = max(1, args.steps // 5)  # a fifth of the run
+    rewards = {s: [fmean(r[i]["reward_mean"] for _, r in runs) for i in range(min(len(r) for _, r in runs))]
+               for s, runs in results.items()}
     for frac in (0.25, 0.5, 0.75, 1.0):
         end = max(1, int(args.steps * frac))
         print(f"trained_samples={end * per_step}: " + " ".join(
             f"reward_s{s}={window_mean(rewards[s], end, width):.3f}" for s in args.staleness))
     final = {s: window_mean(rewards[s], args.steps, width) for s in args.staleness}
-    print(f"sample_efficiency: final_window={width} steps sync_reward={final[0]:.3f} "
-          f"async_reward={final[args.async_staleness]:.3f} diff={final[args.async_staleness] - final[0]:+.3f}")
+    print(f"sample_efficiency: final_window={width} steps, mean of {args.repeats} seeds: sync_reward={final[0]:.3f} "
+          + " ".join(f"s{s}_reward={final[s]:.3f} diff_s{s}={final[s] - final[0]:+.3f}" for s in args.staleness if s))
 
     if args.plot:
-        plot(results, args.plot)
-        print(f"plot: {args.plot}")
-    a = args.async_staleness
-    ratio = rate[a] / rate[0]
-    print(f"async_speedup: sync_steps_per_h={rate[0]:.0f} async_steps_per_h={rate[a]:.0f} ratio={ratio:.3f} "
-          f"limit={limit:.3f} efficiency={ratio / limit:.3f}")
+        plot({s: runs[0] for s, runs in results.items()}, args.plot)
+        print(f"plot: {args.plot} (seed {args.seed})")
+    print(f"async_speedup: sync_steps_per_h={median(rates[0]):.0f} async_steps_per_h={median(rates[a]):.0f} "
+          f"ratio={median(ratios):.3f} limit={median(limits):.3f} efficiency={median(ratios) / median(limits):.3f}")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from ray import serve
 
 from relaxrl.groups import groups_per_request
 from relaxrl.queue import QueueActor
+from relaxrl.services.common import keep_off_cpus
 from relaxrl.weights import WeightStore, store_name
 
 log = logging.getLogger(__name__)
@@ -172,6 +173,10 @@ def start_roles(cfg: DictConfig, model_dir: str, required_fields: tuple[str, ...
     )
     lora = plain(cfg.model.lora) if cfg.model.lora.enabled else None
     r, rw, t, tr, f = cfg.rollout, cfg.reward, cfg.teacher, cfg.trainer, cfg.faults
+    avoid = list(tr.cpus)  # trainer.cpus: every role but the trainer, and the queue and store, keep off them
+    if avoid:
+        for helper in (store, queue):
+            helper.__ray_call__.remote(lambda self, cpus: keep_off_cpus(cpus), avoid)
     sync = sync_settings(cfg, run_id)
     extra = []
     if sync is not None:
@@ -198,13 +203,14 @@ def start_roles(cfg: DictConfig, model_dir: str, required_fields: tuple[str, ...
             weight_sync=sync,
             hang_timeout_s=f.hang_timeout_s,
             sync_timeout_s=f.sync_timeout_s,
+            avoid_cpus=avoid,
         ),
         "reward": Reward.options(
             num_replicas=rw.num_replicas, ray_actor_options={"num_cpus": rw.num_cpus}, **health
         ).bind(
             plain(cfg.env), timeout_s=rw.timeout_s, max_workers=rw.max_workers,
             on_error=rw.on_error, error_reward=rw.error_reward, simulated_latency_s=rw.simulated_latency_s,
-            hang_timeout_s=f.hang_timeout_s,
+            hang_timeout_s=f.hang_timeout_s, avoid_cpus=avoid,
         ),
         "actor": Actor.options(num_replicas=1, **trainer_options(tr), **health).bind(
             model_dir,
@@ -229,7 +235,7 @@ def start_roles(cfg: DictConfig, model_dir: str, required_fields: tuple[str, ...
             num_replicas=t.num_replicas, ray_actor_options={"num_cpus": t.num_cpus, "num_gpus": t.num_gpus},
             **health,
         ).bind(plain(t.domains), dtype=cfg.model.dtype, torch_threads=t.torch_threads, top_k=t.top_k,
-               temperature=r.temperature)
+               temperature=r.temperature, avoid_cpus=avoid)
     elif needs_teacher(cfg, required_fields):
         calls = teacher_calls(cfg, required_fields)
         checkpoints = {"ref": t.checkpoint or model_dir}
@@ -239,7 +245,7 @@ def start_roles(cfg: DictConfig, model_dir: str, required_fields: tuple[str, ...
             num_replicas=t.num_replicas, ray_actor_options={"num_cpus": t.num_cpus, "num_gpus": t.num_gpus},
             **health,
         ).bind(checkpoints, dtype=cfg.model.dtype, torch_threads=t.torch_threads, top_k=t.top_k,
-               hang_timeout_s=f.hang_timeout_s)
+               hang_timeout_s=f.hang_timeout_s, avoid_cpus=avoid)
     names = list(apps)
     handles = serve.run_many(
         [serve.RunTarget(target=app, name=f"{n}-{run_id}", route_prefix=None) for n, app in apps.items()]

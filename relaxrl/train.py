@@ -36,6 +36,7 @@ def run_experiment(cfg: DictConfig, on_step=None) -> dict:
     from relaxrl.config import Config
     from relaxrl.config_check import check_known_keys
     from relaxrl.monitor import Monitor
+    from relaxrl.services.common import check_cpus, keep_off_cpus, restore_cpus
 
     check_known_keys(cfg, Config)  # a key added with '+' that nothing reads is an error, not a no-op
     if cfg.algorithm.name == "dagger":  # multi-turn episodes: their own loop (relaxrl/episodic/)
@@ -49,6 +50,7 @@ def run_experiment(cfg: DictConfig, on_step=None) -> dict:
     m = cfg.model
     checkpoint.write_run_info(run_dir, {"seed": cfg.seed, "model.tiny.seed": m.tiny.seed,
                                         "model.warm_start.seed": m.warm_start.seed}, resume)
+    check_cpus(cfg.trainer.cpus)
     algorithm = make_algorithm(launch.plain(cfg.algorithm))  # validates the algorithm config early
     env = make_env(**launch.plain(cfg.env))
     launch.init_ray(cfg)
@@ -64,6 +66,7 @@ def run_experiment(cfg: DictConfig, on_step=None) -> dict:
     roles = launch.start_roles(cfg, model_dir, tuple(algorithm.required_fields))
     monitor = Monitor(cfg, run_dir, cfg.trainer.steps)
     summary = None
+    affinity = keep_off_cpus(cfg.trainer.cpus)  # the driver too keeps off the trainer's CPUs, for this run
     try:
         result = asyncio.run(run(roles, cfg, env, lambda text: render_prompt_ids(tokenizer, text), monitor,
                                  resume=resume, max_prompt_tokens=max_prompt_tokens, on_step=on_step))
@@ -74,6 +77,7 @@ def run_experiment(cfg: DictConfig, on_step=None) -> dict:
         try:
             monitor.close(summary)
         finally:  # a logger failure must not leave the run's replicas holding the cluster
+            restore_cpus(affinity)
             roles.shutdown()
     print(
         f"relaxrl overlap: gen_busy={summary['gen_busy_frac']:.3f} train_busy={summary['train_busy_frac']:.3f} "

@@ -15,7 +15,7 @@ from ray import serve
 
 from relaxrl.metrics import info_means
 from relaxrl.sample import Sample, collate
-from relaxrl.services.common import quiet_replica_logs, set_threads
+from relaxrl.services.common import pin_cpus, quiet_replica_logs, set_threads
 
 
 @serve.deployment(max_ongoing_requests=4)
@@ -42,6 +42,7 @@ class Actor:
         from relaxrl.models.loading import load_tokenizer
 
         quiet_replica_logs()
+        pin_cpus(trainer.get("cpus") or ())  # trainer.cpus: the other roles keep off them
         set_threads(trainer.get("torch_threads", 1))
         self.algorithm = make_algorithm(algorithm)
         engine_kwargs = dict(

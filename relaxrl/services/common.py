@@ -6,7 +6,7 @@ import asyncio
 import logging
 import os
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import ray
 
@@ -25,6 +25,53 @@ def set_threads(n: Optional[int]) -> None:
 
         torch.set_num_threads(int(n))
         os.environ["OMP_NUM_THREADS"] = str(n)
+
+
+def check_cpus(cpus: Sequence[int], key: str = "trainer.cpus") -> None:
+    """Fail early, naming the key, if ``cpus`` are not CPUs this process may run on (or leave none over)."""
+    if not cpus:
+        return
+    have = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    if have is None:
+        raise ValueError(f"{key}={list(cpus)}: CPU pinning needs Linux (os.sched_setaffinity)")
+    if not set(cpus) <= set(have) or set(have) <= set(cpus):
+        raise ValueError(f"{key}={list(cpus)} must be a proper subset of this machine's CPUs {have}: "
+                         "the other roles need at least one CPU left")
+
+
+def pin_cpus(cpus: Sequence[int]) -> None:
+    """Run this process (all its threads) on ``cpus`` only; nothing if empty."""
+    if cpus:
+        for tid in _threads():
+            os.sched_setaffinity(tid, set(cpus))
+
+
+def keep_off_cpus(cpus: Sequence[int]) -> Optional[set[int]]:
+    """Keep this process off ``cpus`` (reserved for the trainer); returns the affinity it had
+    (None if nothing changed), for ``restore_cpus``."""
+    if not cpus or not hasattr(os, "sched_getaffinity"):
+        return None
+    before = os.sched_getaffinity(0)
+    rest = before - set(cpus)
+    if rest and rest != before:
+        for tid in _threads():
+            os.sched_setaffinity(tid, rest)
+        return before
+    return None
+
+
+def restore_cpus(before: Optional[set[int]]) -> None:
+    if before is not None:
+        for tid in _threads():
+            os.sched_setaffinity(tid, before)
+
+
+def _threads() -> list[int]:
+    """Ids of this process's threads: affinity is per thread, and Ray's run already."""
+    try:
+        return [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        return [0]
 
 
 class WeightFollower:

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from typing import Optional
+from typing import Optional, Sequence
 
 from ray import serve
 
 from relaxrl.sample import Sample
-from relaxrl.services.common import quiet_replica_logs, set_threads
+from relaxrl.services.common import keep_off_cpus, quiet_replica_logs, set_threads
 
 MAX_MODELS_PER_REPLICA = 8
 
@@ -23,10 +23,11 @@ MAX_MODELS_PER_REPLICA = 8
 @serve.deployment(max_ongoing_requests=64)
 class DomainTeacher:
     def __init__(self, checkpoints: dict[str, str], *, dtype: str = "float32", torch_threads: int = 1,
-                 top_k: int = 0, temperature: float = 1.0) -> None:
+                 top_k: int = 0, temperature: float = 1.0, avoid_cpus: Sequence[int] = ()) -> None:
         if not checkpoints:
             raise ValueError("DomainTeacher needs at least one {domain: checkpoint} entry (teacher.domains)")
         quiet_replica_logs()
+        keep_off_cpus(avoid_cpus)  # the trainer's CPUs (trainer.cpus)
         set_threads(torch_threads)
         self.paths = dict(checkpoints)
         self.dtype, self.torch_threads, self.top_k, self.temperature = dtype, torch_threads, top_k, temperature

@@ -4,26 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Union
+from typing import Sequence, Union
 
 from ray import serve
 
 from relaxrl.envs.base import Task
 from relaxrl.envs.guarded import task_of
 from relaxrl.sample import Sample
-from relaxrl.services.common import quiet_replica_logs
+from relaxrl.services.common import keep_off_cpus, quiet_replica_logs
 
 
 @serve.deployment(max_ongoing_requests=64)
 class Reward:
     def __init__(self, env: dict, *, timeout_s: float = 10.0, max_workers: int = 8,
                  on_error: str = "drop", error_reward: float = 0.0, simulated_latency_s: float = 0.0,
-                 hang_timeout_s: float = 600.0) -> None:
+                 hang_timeout_s: float = 600.0, avoid_cpus: Sequence[int] = ()) -> None:
         from relaxrl.envs.guarded import GuardedVerifier
         from relaxrl.envs.registry import make_env
         from relaxrl.faults import RequestWatch
 
         quiet_replica_logs()
+        keep_off_cpus(avoid_cpus)  # the trainer's CPUs (trainer.cpus)
         self.env = make_env(**env)
         self.simulated_latency_s = simulated_latency_s
         self.watch = RequestWatch(hang_timeout_s)  # a verifier stuck this long makes the replica unhealthy

@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 from ray import serve
 
 from relaxrl.engines.base import SamplingParams
 from relaxrl.groups import GroupRequest, prompts_of, samples_from_generations
 from relaxrl.sample import Sample
-from relaxrl.services.common import WeightFollower, quiet_replica_logs, set_threads
+from relaxrl.services.common import WeightFollower, keep_off_cpus, quiet_replica_logs, set_threads
 
 
 @serve.deployment(max_ongoing_requests=64)
@@ -36,11 +36,13 @@ class Rollout:
         weight_sync: Optional[dict] = None,
         hang_timeout_s: float = 600.0,
         sync_timeout_s: float = 120.0,
+        avoid_cpus: Sequence[int] = (),
     ) -> None:
         from relaxrl.engines.factory import check_sampling, make_generation_engine
         from relaxrl.faults import RequestWatch
 
         quiet_replica_logs()
+        keep_off_cpus(avoid_cpus)  # the trainer's CPUs (trainer.cpus)
         set_threads(torch_threads)
         check_sampling(engine, sampling)
         self.engine = make_generation_engine(

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Optional
+from typing import Optional, Sequence
 
 from ray import serve
 
 from relaxrl.sample import Sample
-from relaxrl.services.common import quiet_replica_logs, set_threads
+from relaxrl.services.common import keep_off_cpus, quiet_replica_logs, set_threads
 
 _FIELDS = ("ref_logprobs", "teacher_logprobs")
 
@@ -16,10 +16,12 @@ _FIELDS = ("ref_logprobs", "teacher_logprobs")
 @serve.deployment(max_ongoing_requests=64)
 class Teacher:
     def __init__(self, checkpoints: dict[str, str], *, dtype: str = "float32",
-                 torch_threads: int = 1, top_k: int = 0, hang_timeout_s: float = 600.0) -> None:
+                 torch_threads: int = 1, top_k: int = 0, hang_timeout_s: float = 600.0,
+                 avoid_cpus: Sequence[int] = ()) -> None:
         from relaxrl.faults import RequestWatch
 
         quiet_replica_logs()
+        keep_off_cpus(avoid_cpus)  # the trainer's CPUs (trainer.cpus)
         self.watch = RequestWatch(hang_timeout_s)
         set_threads(torch_threads)
         self.paths = dict(checkpoints)

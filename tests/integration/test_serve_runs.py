@@ -62,3 +62,39 @@ def test_kl_to_reference_goes_through_the_teacher_role(ray_local, tmp_path, mode
     assert s["steps"] == 3
     assert all("kl" in m and m["kl"] >= 0.0 for m in steps)
     assert steps[0]["kl"] < 1e-4  # the first step's policy is the reference itself
+
+
+def test_trainer_cpus_pin_the_trainer_and_keep_the_other_roles_off(ray_local, tmp_path, model_cache):
+    """trainer.cpus=[0]: the trainer replica runs on CPU 0 only; the rollout, the reward, the queue
+    and the driver (for the run's length) on the others."""
+    import os
+
+    import ray
+
+    from relaxrl.faults import replica_actors
+
+    if not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs Linux CPU affinity and 2 CPUs")
+    before = os.sched_getaffinity(0)
+    others = before - {0}
+    seen = {}
+
+    def affinity(handle):
+        return ray.get(handle.__ray_call__.remote(lambda self: os.sched_getaffinity(0)))
+
+    async def look(roles, step, metrics):
+        if step == 1:
+            for role in ("actor", "rollout", "reward"):
+                (replica,) = replica_actors(f"{role}-{roles.run_id}")
+                seen[role] = affinity(replica)
+            seen["queue"] = affinity(roles.queue)
+            seen["driver"] = os.sched_getaffinity(0)
+        return {}
+
+    run_experiment(make_cfg(tmp_path, model_cache, "trainer.steps=2", "trainer.cpus=[0]"), on_step=look)
+    assert seen["actor"] == {0}
+    assert seen["rollout"] == seen["reward"] == seen["queue"] == seen["driver"] == others
+    assert os.sched_getaffinity(0) == before  # the driver's own affinity is given back after the run
+    missing = max(before) + 1
+    with pytest.raises(ValueError, match=rf"trainer.cpus=\[{missing}\] must be a proper subset"):
+        run_experiment(make_cfg(tmp_path / "bad", model_cache, f"trainer.cpus=[{missing}]"))
