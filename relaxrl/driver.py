@@ -5,8 +5,8 @@
 
 A request carries several prompt groups (``rollout.groups_per_request``), so each role call and
 each queue call is paid per request, not per group. The trainer gets step k+1's request while it
-still trains step k, so it never waits on the driver between steps. Several ``produce`` tasks run at once; the
-queue's admission gate bounds how far ahead of the trainer they may get, so with
+still trains step k, so it never waits on the driver between steps. Several ``produce`` tasks run
+at once; the queue's admission gate bounds how far ahead of the trainer they may get, so with
 ``max_staleness >= 1`` generation overlaps training and with 0 it alternates with it. The driver
 never holds a batch: samples flow between roles as object refs.
 """
@@ -168,7 +168,9 @@ async def _chain_to_queue(roles: Roles, requests: list[GroupRequest], tasks: dic
     if roles.teacher is not None:
         if roles.teacher_by_domain:  # Serve multiplexing: to a replica holding this domain's teacher
             domains = {r.domain for r in requests}  # several: the replica splits the samples by domain
-            teacher = roles.teacher.options(multiplexed_model_id=domains.pop()) if len(domains) == 1 else roles.teacher
+            teacher = roles.teacher
+            if len(domains) == 1:
+                teacher = teacher.options(multiplexed_model_id=domains.pop())
             response = teacher.score.remote(response)
         for name, fld in roles.teacher_calls:  # ref (base) log-probs, then teacher ones if needed
             response = roles.teacher.score.remote(response, name=name, field=fld)

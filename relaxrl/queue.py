@@ -380,7 +380,8 @@ class QueueActor:
                 asyncio.get_running_loop().create_task(self._wake(self._capacity))
             return batch is not None
 
-        async with self._taking:  # in order: a request one step ahead must not drop the groups the one before waits for
+        # In order: a request one step ahead must not take, or drop as stale, what the one before waits for.
+        async with self._taking:
             async with self._ready:
                 await asyncio.wait_for(self._ready.wait_for(ready), timeout_s)
         return batch

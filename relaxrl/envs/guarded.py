@@ -82,4 +82,5 @@ def task_of(tasks: Union[Task, dict[str, Task]], sample: Sample) -> Task:
     try:
         return tasks[sample.group_id]
     except KeyError:
-        raise KeyError(f"sample {sample.uid}: no task for group {sample.group_id!r} (tasks for {sorted(tasks)})") from None
+        raise KeyError(f"sample {sample.uid}: no task for group {sample.group_id!r} "
+                       f"(tasks for {sorted(tasks)})") from None
