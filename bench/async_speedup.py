@@ -12,7 +12,7 @@ turns that off).
 From each synchronous run's own stage measurements, the overlap limit is
 ``(gen + reward + train + weight sync per step) / (largest of them)``; efficiency is the measured
 async/sync step-rate ratio divided by that limit (medians over the repeats). Sample efficiency:
-mean reward (over seeds) after the same number of trained samples, sync vs async.
+mean reward (over seeds) of the policy trained on the same number of samples, sync vs async.
 
     python bench/async_speedup.py            # full (~13 min on 2 cores)
     python bench/async_speedup.py --smoke    # seconds; what the test suite runs
@@ -57,6 +57,24 @@ def sync_stage_times(summary: dict) -> dict[str, float]:
 
 def overlap_limit(stages: dict[str, float]) -> float:
     return sum(stages.values()) / max(stages.values())
+
+
+def reward_by_policy(records: list[dict]) -> list[float]:
+    """Batch reward by the version of the policy that generated the batch (its samples' mean policy
+    version, rounded); a version no batch came from (a mixed batch rounded to its neighbour) repeats
+    the one before."""
+    by_version: dict[int, list[float]] = {}
+    for r in records:
+        by_version.setdefault(round(r["version"] - 1 - r["staleness_mean"]), []).append(r["reward_mean"])
+    out: list[float] = []
+    for v in range(max(by_version) + 1):
+        out.append(fmean(by_version[v]) if v in by_version else out[-1])
+    return out
+
+
+def mean_curves(curves: list[list[float]]) -> list[float]:
+    """Pointwise mean over runs, as long as the shortest."""
+    return [fmean(c[i] for c in curves) for i in range(min(len(c) for c in curves))]
 
 
 def calibrate_latency(args: argparse.Namespace) -> float:
@@ -142,18 +160,24 @@ def main(argv: list[str] | None = None) -> None:
               f"ratio_vs_sync={median(rates[s]) / median(rates[0]):.3f} staleness_hist={dict(sorted(hist.items()))} "
               f"dropped={sum(summary['dropped'] for summary, _ in runs)}")
 
-    # Sample efficiency: every step trains the same number of samples, so equal steps = equal samples.
-    # Curves are the mean over repeats (seeds): one run's batch reward is noisy.
+    # Sample efficiency: every step trains the same number of samples. A step's batch reward measures
+    # the policy that generated the batch, which in an async run is max_staleness versions older
+    # than the one being trained, so the curves are compared by that generating policy: the reward
+    # of the policy made from N trained samples, sync vs async. The lagging by-step view is printed too.
     per_step = args.group_size * args.groups_per_step
     width = max(1, args.steps // 5)  # a fifth of the run
-    rewards = {s: [fmean(r[i]["reward_mean"] for _, r in runs) for i in range(min(len(r) for _, r in runs))]
-               for s, runs in results.items()}
+    by_step = {s: mean_curves([[r["reward_mean"] for r in recs] for _, recs in runs]) for s, runs in results.items()}
+    by_policy = {s: mean_curves([reward_by_policy(recs) for _, recs in runs]) for s, runs in results.items()}
+    common = min(len(c) for c in by_policy.values())  # policy versions every run has a batch from
     for frac in (0.25, 0.5, 0.75, 1.0):
-        end = max(1, int(args.steps * frac))
-        print(f"trained_samples={end * per_step}: " + " ".join(
-            f"reward_s{s}={window_mean(rewards[s], end, width):.3f}" for s in args.staleness))
-    final = {s: window_mean(rewards[s], args.steps, width) for s in args.staleness}
-    print(f"sample_efficiency: final_window={width} steps, mean of {args.repeats} seeds: sync_reward={final[0]:.3f} "
+        end = max(1, int(common * frac))
+        print(f"policy trained on {end * per_step} samples: " + " ".join(
+            f"reward_s{s}={window_mean(by_policy[s], end, width):.3f}" for s in args.staleness)
+            + " | batch at step " + " ".join(
+            f"s{s}={window_mean(by_step[s], end, width):.3f}" for s in args.staleness))
+    final = {s: window_mean(by_policy[s], common, width) for s in args.staleness}
+    print(f"sample_efficiency: policies trained on {common * per_step} samples, window {width} versions, mean of "
+          f"{args.repeats} seeds: sync_reward={final[0]:.3f} "
           + " ".join(f"s{s}_reward={final[s]:.3f} diff_s{s}={final[s] - final[0]:+.3f}" for s in args.staleness if s))
 
     if args.plot:

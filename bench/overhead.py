@@ -1,10 +1,12 @@
 """Framework overhead: RelaxRL at ``max_staleness=0`` against a bare single-process loop doing the
 same work with the same engines and algorithm (generate → verify → train → load weights), no Ray.
 
-The work per step is the experiment's (``+experiment=quickstart`` with a larger batch and longer
-responses by default, so a step is ~0.5 s on 2 cores: the per-step overhead is printed in ms too).
+The work per step is the experiment's (``+experiment=quickstart`` with 16 groups of 16 responses),
+measured with the quickstart's tiny model and with a wider, deeper one (``--models``): the
+framework's cost per step is roughly fixed, so what it is worth depends on the step it is added to.
+The per-step overhead is printed in ms too.
 
-    python bench/overhead.py            # full (~5 min on 2 cores)
+    python bench/overhead.py            # full (~6 min on 2 cores)
     python bench/overhead.py --smoke    # seconds; what the test suite runs
 """
 
@@ -65,32 +67,48 @@ def bare_loop(cfg, steps: int) -> list[float]:
     return ends
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=120)
-    p.add_argument("--smoke", action="store_true")
-    p.add_argument("override", nargs="*", default=["rollout.group_size=16", "rollout.groups_per_step=16",
-                                                    "rollout.max_new_tokens=16"],
-                   help="Hydra overrides defining the work (default: a heavier quickstart step)")
-    args = p.parse_args(argv)
-    if args.smoke:
-        args.steps = 4
+# Model sizes the work is measured at: the quickstart's own tiny model, and a wider, deeper one
+# whose step (~4x longer) is closer to what a real step's compute is to the framework's fixed costs.
+MODELS = {
+    "quickstart": [],
+    "wide": ["model.tiny.hidden_size=256", "model.tiny.intermediate_size=1024", "model.tiny.num_layers=4"],
+}
+
+
+def measure(args: argparse.Namespace, model: str) -> tuple[float, float]:
+    """(bare, RelaxRL) samples/s on the same work; prints the step times."""
     common = ["+experiment=quickstart", "rollout.max_staleness=0", f"trainer.steps={args.steps}",
-              "trainer.save_final=false", "logger.progress=false", *args.override]
+              "trainer.save_final=false", "logger.progress=false", *MODELS[model], *args.override]
     cfg = compose(*common, f"run_dir={bench_dir('overhead')}")
     per_step = cfg.rollout.group_size * cfg.rollout.groups_per_step
-
     ends = bare_loop(cfg, args.steps)
     skip = max(1, args.steps // 10)
     bare = (len(ends) - skip) / (ends[-1] - ends[skip - 1]) * per_step
     _, records = run(cfg)
     relax = steady_steps_per_s(records) * per_step
     step_ms = {"bare": per_step / bare * 1000, "relaxrl": per_step / relax * 1000}
-    print(f"work: {per_step} samples/step, overrides {args.override}")
-    print(f"step_ms: bare={step_ms['bare']:.1f} relaxrl={step_ms['relaxrl']:.1f} "
-          f"overhead_ms_per_step={step_ms['relaxrl'] - step_ms['bare']:.1f}")
-    print(f"overhead: bare_samples_per_s={bare:.1f} relaxrl_samples_per_s={relax:.1f} ratio={relax / bare:.3f}")
+    print(f"model={model}: {per_step} samples/step, overrides {MODELS[model] + args.override}")
+    print(f"model={model}: step_ms bare={step_ms['bare']:.1f} relaxrl={step_ms['relaxrl']:.1f} "
+          f"overhead_ms_per_step={step_ms['relaxrl'] - step_ms['bare']:.1f} ratio={relax / bare:.3f}", flush=True)
+    return bare, relax
 
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["quickstart", "wide"],
+                   help="model sizes to measure; the summary line is the last one's")
+    p.add_argument("--smoke", action="store_true")
+    p.add_argument("override", nargs="*", default=["rollout.group_size=16", "rollout.groups_per_step=16",
+                                                    "rollout.max_new_tokens=16"],
+                   help="Hydra overrides defining the work (default: a heavier quickstart step)")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.steps, args.models = 4, ["quickstart"]
+    for model in args.models:
+        bare, relax = measure(args, model)
+    print(f"overhead: bare_samples_per_s={bare:.1f} relaxrl_samples_per_s={relax:.1f} ratio={relax / bare:.3f} "
+          f"model={args.models[-1]}")
 
 if __name__ == "__main__":
     main()

@@ -3,7 +3,7 @@
 import math
 
 import pytest
-from async_speedup import overlap_limit, sync_stage_times
+from async_speedup import mean_curves, overlap_limit, reward_by_policy, sync_stage_times
 from common import steady_steps_per_s, window_mean
 
 
@@ -29,3 +29,18 @@ def test_window_mean_clips_at_start():
     assert window_mean([1, 2, 3, 4], end=4, width=2) == 3.5
     assert window_mean([1, 2, 3, 4], end=1, width=3) == 1.0
     assert math.isnan(window_mean([], end=0, width=2))
+
+
+def test_batch_reward_is_indexed_by_the_policy_that_generated_it():
+    # max_staleness=2: steps 1-3 train batches of policy 0 (staleness 0, 1, 2), then step t trains
+    # policy t-3's. Step t's record has version t (after the step) and reward t / 10.
+    recs = [{"version": t, "staleness_mean": min(t - 1, 2), "reward_mean": t / 10} for t in range(1, 8)]
+    assert reward_by_policy(recs) == pytest.approx([0.2, 0.4, 0.5, 0.6, 0.7])
+    # A batch mixing policies 1 and 2 (mean 1.6 -> 2) leaves no batch of policy 1: it repeats policy 0's.
+    mixed = [{"version": 1, "staleness_mean": 0.0, "reward_mean": 0.3},
+             {"version": 4, "staleness_mean": 1.4, "reward_mean": 0.5}]
+    assert reward_by_policy(mixed) == pytest.approx([0.3, 0.3, 0.5])
+
+
+def test_mean_curves_stop_at_the_shortest():
+    assert mean_curves([[1.0, 2.0, 3.0], [3.0, 4.0]]) == [2.0, 3.0]
