@@ -53,8 +53,8 @@ class Producer:
     async def run(self) -> list[float]:
         """Admit and put requests of groups until the queue closes; returns put latencies (s)."""
         latencies = []
-        while (seqs := await self.queue.admit_many.remote(self.per_request)) is not None:
-            samples = [s for seq in seqs for s in make_group(seq, self.tokens)]
+        while (admitted := await self.queue.admit_many.remote(self.per_request)) is not None:
+            samples = [s for seq, _ in admitted for s in make_group(seq, self.tokens)]
             t0 = time.perf_counter()
             try:
                 await self.queue.put.remote(samples)

@@ -97,7 +97,11 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 8
-    max_inflight_groups: int = 0  # groups in flight at once; 0 = groups_per_step * (max_staleness + 1)
+    # Steps of groups admitted past the staleness bound, sent to the rollout early: each waits there
+    # for the weights it needs and starts when they are published (no driver round trip). 0 = off.
+    admit_ahead_steps: int = 1
+    # Groups in flight at once; 0 = groups_per_step * (max_staleness + 1 + admit_ahead_steps).
+    max_inflight_groups: int = 0
     # Groups per driver request (admitted, generated, rewarded and queued together: one call each
     # per request, not per group). 0 = min(batch_max_groups, ceil(groups_per_step / num_replicas)).
     groups_per_request: int = 0

@@ -4,7 +4,10 @@
     train:    queue.get_batch → actor.train_step (publishes weights v+1) → queue.set_version(v+1)
 
 A request carries several prompt groups (``rollout.groups_per_request``), so each role call and
-each queue call is paid per request, not per group. The trainer gets step k+1's request while it
+each queue call is paid per request, not per group. Requests for the next step's groups are sent
+before the weights they need exist (``rollout.admit_ahead_steps``): they wait in the rollout and
+start the moment the trainer publishes, so even with ``max_staleness=0`` no driver round trip lies
+between one step's training and the next step's generation. The trainer gets step k+1's request while it
 still trains step k, so it never waits on the driver between steps. Several ``produce`` tasks run
 at once; the queue's admission gate bounds how far ahead of the trainer they may get, so with
 ``max_staleness >= 1`` generation overlaps training and with 0 it alternates with it. The driver
@@ -114,13 +117,41 @@ ACCOUNTING_KEYS = ("admitted_samples", "generated_samples", "rewarded_samples", 
                    "dropped_samples", "in_flight_samples")
 
 
+class VersionClock:
+    """The trainer's weight version as the driver knows it (set after every step): a request sent
+    ahead of its weights starts its timeout only once they exist, and is called off if the run ends
+    first."""
+
+    def __init__(self, version: int = 0) -> None:
+        self.version = version
+        self.closed = False
+        self._changed = asyncio.Condition()
+
+    async def set(self, version: int) -> None:
+        async with self._changed:
+            self.version = version
+            self._changed.notify_all()
+
+    async def close(self) -> None:
+        async with self._changed:
+            self.closed = True
+            self._changed.notify_all()
+
+    async def reached(self, version: int) -> bool:
+        """Wait until the trainer is at ``version`` (True) or the run has ended before it (False)."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.closed or self.version >= version)
+            return self.version >= version
+
+
 async def produce(roles: Roles, tasks: TaskStream, cfg: DictConfig, prompt_ids: Any, stats: RunResult,
-                  max_prompt_tokens: Optional[int] = None, per_request: int = 1) -> None:
+                  max_prompt_tokens: Optional[int] = None, per_request: int = 1,
+                  clock: Optional[VersionClock] = None) -> None:
     """Keep admitting up to ``per_request`` groups at a time and sending them down the chain as
     one request, until the queue closes."""
-    while (seqs := await roles.queue.admit_many.remote(per_request)) is not None:
+    while (admitted := await roles.queue.admit_many.remote(per_request)) is not None:
         requests, by_group = [], {}
-        for seq in seqs:
+        for seq, need in admitted:
             task, gid = tasks.get(seq), group_name(seq)
             ids = prompt_ids(task.prompt)
             if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
@@ -131,27 +162,31 @@ async def produce(roles: Roles, tasks: TaskStream, cfg: DictConfig, prompt_ids: 
                 continue
             requests.append(GroupRequest(group_id=gid, prompt_ids=ids, n=cfg.rollout.group_size,
                                          domain=task.domain, env=cfg.env.name, answer=task.answer,
-                                         seed=cfg.seed * 1_000_003 + seq))
+                                         seed=cfg.seed * 1_000_003 + seq, min_version=need))
             by_group[gid] = task
         if not requests:
             continue
         try:
-            await run_request(roles, requests, by_group, cfg.faults)
+            await run_request(roles, requests, by_group, cfg.faults, clock)
         except Exception as e:  # a failed role call drops the request's groups, counted; never silently
             stats.producer_errors += 1
             log.warning("groups %s failed: %s", list(by_group), e)
             await roles.queue.abandon_many.remote(list(by_group), f"error_{fault_reason(e)}")
 
 
-async def run_request(roles: Roles, requests: list[GroupRequest], tasks: dict[str, Task], faults: Any) -> None:
+async def run_request(roles: Roles, requests: list[GroupRequest], tasks: dict[str, Task], faults: Any,
+                      clock: Optional[VersionClock] = None) -> None:
     """generate → reward → (teacher) → queue for one request's groups. A chain lost to a dead or
-    hung replica (or slower than ``faults.role_timeout_s``) is sent again with the same requests and
-    seeds (Serve routes it to a live or restarted replica) up to ``faults.max_retries`` times. The
-    queue only runs ``put`` once the chain's result exists, so a failed attempt never reaches it and
-    a retry cannot duplicate a sample."""
+    hung replica (or slower than ``faults.role_timeout_s``, counted from when the weights it waits
+    for exist) is sent again with the same requests and seeds (Serve routes it to a live or
+    restarted replica) up to ``faults.max_retries`` times. The queue only runs ``put`` once the
+    chain's result exists, so a failed attempt never reaches it and a retry cannot duplicate a sample.
+    A chain still waiting for weights when the run ends is called off: its groups stay in flight
+    (counted, and generated again by a resumed run)."""
+    need = max(r.min_version for r in requests)
     for attempt in range(faults.max_retries + 1):
         try:
-            return await asyncio.wait_for(_chain_to_queue(roles, requests, tasks), faults.role_timeout_s)
+            return await _timed_from(_chain_to_queue(roles, requests, tasks), faults.role_timeout_s, clock, need)
         except Exception as e:
             if attempt == faults.max_retries or not is_retryable(e):
                 raise
@@ -161,10 +196,30 @@ async def run_request(roles: Roles, requests: list[GroupRequest], tasks: dict[st
     raise AssertionError("unreachable")
 
 
+async def _timed_from(chain: Awaitable, timeout_s: float, clock: Optional[VersionClock], need: int) -> None:
+    """``chain`` with ``timeout_s`` counted from when the trainer reaches version ``need``."""
+    task = asyncio.ensure_future(chain)
+    try:
+        if clock is not None and clock.version < need:
+            reached = asyncio.ensure_future(clock.reached(need))
+            try:
+                await asyncio.wait({task, reached}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                reached.cancel()
+            if not task.done() and not reached.cancelled() and not reached.result():
+                task.cancel()  # the run ended before these weights: nothing to generate with
+                await asyncio.gather(task, return_exceptions=True)
+                return
+        await asyncio.wait_for(task, timeout_s)
+    finally:
+        task.cancel()  # a no-op once done; stops the chain if this call is cancelled
+
+
 async def _chain_to_queue(roles: Roles, requests: list[GroupRequest], tasks: dict[str, Task]) -> None:
     # Serve resolves a response passed to another handle, and Ray an ObjectRef passed to an
     # actor, so samples go rollout → reward → (teacher) → queue without passing through here.
-    response = roles.reward.score.remote(roles.rollout.generate.remote(requests), tasks)
+    generated = roles.rollout.generate.remote(requests)
+    response = roles.reward.score.remote(generated, tasks)
     if roles.teacher is not None:
         if roles.teacher_by_domain:  # Serve multiplexing: to a replica holding this domain's teacher
             domains = {r.domain for r in requests}  # several: the replica splits the samples by domain
@@ -178,7 +233,8 @@ async def _chain_to_queue(roles: Roles, requests: list[GroupRequest], tasks: dic
     try:
         put = roles.queue.put.remote(await response._to_object_ref())
         await put
-    except asyncio.CancelledError:  # timed out: stop the chain, and the put if it has not run yet
+    except asyncio.CancelledError:  # timed out or called off: stop the chain, and the put if it has not run yet
+        generated.cancel()  # not cancelled with the response it feeds (a request waiting for weights)
         response.cancel()
         if put is not None:
             cancel_quietly(put)
@@ -199,7 +255,7 @@ class TrainerLost(RuntimeError):
 
 
 async def train(roles: Roles, cfg: DictConfig, monitor: Monitor, stats: RunResult, t0: float,
-                on_step: Optional[StepHook] = None) -> None:
+                on_step: Optional[StepHook] = None, clock: Optional[VersionClock] = None) -> None:
     """One optimizer step per batch of ``groups_per_step`` complete, fresh groups."""
     tr = cfg.trainer
     if on_step is not None and stats.start_step == 0:
@@ -233,6 +289,8 @@ async def train(roles: Roles, cfg: DictConfig, monitor: Monitor, stats: RunResul
                               f"with resume=true (newest checkpoint in {cfg.run_dir}/checkpoints)") from e
         version = metrics["version"]
         await roles.queue.set_version.remote(version)  # published: admission opens for the next groups
+        if clock is not None:
+            await clock.set(version)
         stats.steps = step
         stats.rewards.append(metrics["reward_mean"])
         for stage in ("train", "publish"):
@@ -290,15 +348,18 @@ async def run(roles: Roles, cfg: DictConfig, env: Any, prompt_ids: Any, monitor:
     stats = RunResult()
     tasks = await restore(roles, cfg, env, resume, stats) if resume else TaskStream(env, cfg.seed)
     r = cfg.rollout
-    inflight = r.max_inflight_groups or r.groups_per_step * (r.max_staleness + 1)
+    inflight = r.max_inflight_groups or r.groups_per_step * (r.max_staleness + 1 + r.admit_ahead_steps)
     per_request = groups_per_request(r.groups_per_request, r.batch_max_groups, r.groups_per_step, r.num_replicas)
+    clock = VersionClock(stats.start_version)
     t0 = time.time()
-    producers = [asyncio.create_task(produce(roles, tasks, cfg, prompt_ids, stats, max_prompt_tokens, per_request))
+    producers = [asyncio.create_task(produce(roles, tasks, cfg, prompt_ids, stats, max_prompt_tokens, per_request,
+                                             clock))
                  for _ in range(-(-inflight // per_request))]
     try:
-        await train(roles, cfg, monitor, stats, t0, on_step)
+        await train(roles, cfg, monitor, stats, t0, on_step, clock)
     finally:
         stats.wall_s = time.time() - t0
+        await clock.close()  # requests waiting for weights that will never come are called off
         await roles.queue.close.remote()
         await asyncio.gather(*producers, return_exceptions=True)
     if cfg.trainer.save_final:

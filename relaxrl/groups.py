@@ -19,6 +19,9 @@ class GroupRequest:
     env: str = ""
     answer: Optional[str] = None
     seed: Optional[int] = None
+    # Generate with weights of at least this version: a request sent ahead (rollout.admit_ahead_steps)
+    # waits in the rollout for them. Never lower than what the staleness bound needs.
+    min_version: int = 0
 
 
 def prompts_of(requests: Sequence[GroupRequest]) -> list[list[int]]:

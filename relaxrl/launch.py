@@ -169,6 +169,7 @@ def start_roles(cfg: DictConfig, model_dir: str, required_fields: tuple[str, ...
             group_size=cfg.rollout.group_size,
             max_staleness=cfg.rollout.max_staleness,
             required_fields=required_fields,
+            admit_ahead=cfg.rollout.admit_ahead_steps,
         )
     )
     lora = plain(cfg.model.lora) if cfg.model.lora.enabled else None

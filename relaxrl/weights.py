@@ -5,11 +5,14 @@ store once and publishes the object reference with its version here; replicas as
 newer than what they hold between requests and fetch it zero-copy. Only the newest version is
 kept, so old payloads are freed as soon as no replica holds them.
 
-``WeightStore`` is a plain class; the driver runs it as a named Ray actor.
+``WeightStore`` is a plain class; the driver runs it as a named Ray actor. A rollout request sent
+ahead of the weights it needs (``rollout.admit_ahead_steps``) waits in ``wait_newer``, so it starts
+generating as soon as the trainer publishes, without a round trip through the driver.
 """
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -26,6 +29,7 @@ class WeightStore:
         self._latest: Optional[Published] = None
         self._ref: Optional[list[Any]] = None  # [ObjectRef]: wrapped so Ray does not resolve it
         self.publications = 0
+        self._published: Optional[asyncio.Event] = None  # set on the next publication (as an actor only)
 
     def publish(self, version: int, ref: list[Any], kind: str, nbytes: int) -> None:
         if self._latest is not None and version <= self._latest.version:
@@ -33,6 +37,22 @@ class WeightStore:
         self._latest = Published(version, kind, nbytes)
         self._ref = ref
         self.publications += 1
+        if self._published is not None:  # an async actor runs every method on its event loop
+            self._published.set()
+            self._published = None
+
+    async def wait_newer(self, version: int, timeout_s: float) -> Optional[tuple[int, list[Any]]]:
+        """``newer_than(version)``, waiting up to ``timeout_s`` for a publication if there is none yet."""
+        newer = self.newer_than(version)
+        if newer is None:
+            if self._published is None:
+                self._published = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._published.wait(), timeout_s)
+            except asyncio.TimeoutError:
+                return None
+            newer = self.newer_than(version)
+        return newer
 
     def newer_than(self, version: int) -> Optional[tuple[int, list[Any]]]:
         """(version, [ref]) of the newest publication if it is newer than ``version``."""
@@ -55,8 +75,6 @@ class WeightSyncError(RuntimeError):
 async def publish_with_timeout(store: Any, version: int, ref: list[Any], kind: str, nbytes: int,
                                timeout_s: float) -> None:
     """``store.publish`` (an actor call) that fails within ``timeout_s`` instead of blocking the trainer."""
-    import asyncio
-
     try:
         await asyncio.wait_for(_call(store.publish.remote(version, ref, kind, nbytes)), timeout_s)
     except asyncio.TimeoutError:

@@ -85,6 +85,20 @@ class WeightFollower:
         self.loads = 0
         self.sync_bytes = 0  # payload bytes loaded, for the benchmarks
         self.failures = 0
+        self._known: Optional[tuple[int, list[Any]]] = None  # a newer publication wait_for saw, not yet loaded
+
+    def _newest_seen(self) -> int:
+        return max(self.engine.version, self._known[0] if self._known else -1)
+
+    async def wait_for(self, version: int, poll_s: float = 30.0) -> None:
+        """Return once weights of at least ``version`` are published (a request sent ahead of them
+        waits here, outside the batch loop, so requests that can run now are not held up)."""
+        if self.store is None:
+            return
+        while (seen := self._newest_seen()) < version:
+            newer = await self.store.wait_newer.remote(seen, poll_s)
+            if newer is not None and newer[0] > self._newest_seen():
+                self._known = newer
 
     async def sync(self) -> dict[str, float]:
         """Load the newest weights if there are newer ones; returns the load's wall-clock
@@ -102,7 +116,9 @@ class WeightFollower:
             return {}
 
     async def _sync(self) -> dict[str, float]:
-        newer = await self.store.newer_than.remote(self.engine.version)
+        newer, self._known = self._known, None
+        if newer is None or newer[0] <= self.engine.version:  # else: wait_for just saw it; no second call
+            newer = await self.store.newer_than.remote(self.engine.version)
         if newer is None:
             return {}
         start = time.time()

@@ -65,8 +65,22 @@ class Rollout:
         self._generate_batch.set_batch_wait_timeout_s(batch_wait_s)
 
     async def generate(self, requests: list[GroupRequest]) -> list[Sample]:
-        """Samples of every group in ``requests`` (one driver request carries several groups), in order."""
+        """Samples of every group in ``requests`` (one driver request carries several groups), in order.
+
+        A request sent ahead of the weights it needs (``min_version``) waits for their publication
+        here, then joins a batch."""
+        need = max((r.min_version for r in requests), default=0)
+        if need > self.engine.version:
+            await self._wait_for_weights(need)
         return await self._generate_batch(list(requests))
+
+    async def _wait_for_weights(self, version: int) -> None:
+        if self.receiver is None:
+            await self.weights.wait_for(version)
+            return
+        while self.engine.version < version:  # broadcast: the receiver thread adopts each version
+            self.receiver.check()
+            await asyncio.sleep(0.005)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def _generate_batch(self, batches: list[list[GroupRequest]]) -> list[list[Sample]]:

@@ -99,18 +99,20 @@ def test_checkpoints_are_complete_or_ignored(tmp_path):
 
 @settings(max_examples=5, deadline=None)
 @given(max_staleness=st.integers(0, 3), groups_per_step=st.integers(1, 4), group_size=st.integers(1, 3),
-       producers=st.integers(1, 12), seed=st.integers(0, 2**31))
+       producers=st.integers(1, 12), admit_ahead=st.integers(0, 2), seed=st.integers(0, 2**31))
 def test_random_timings_never_exceed_the_bound_or_lose_a_sample(max_staleness, groups_per_step, group_size,
-                                                                 producers, seed):
+                                                                 producers, admit_ahead, seed):
     """A discrete-event simulation of >= 10,000 events: producers with random generation times
-    (and random failures) generate with the weights published when they start, the trainer takes
-    random step times and bumps the version; the queue must never hand out a sample staler than the
-    bound, never hand one out twice, and account for every admitted sample."""
+    (and random failures) generate with the weights published when they start (a group admitted
+    ahead waits for the version it needs), the trainer takes random step times and bumps the
+    version; the queue must never hand out a sample staler than the bound, never hand one out
+    twice, never stall (every event is reached), and account for every admitted sample."""
     rng = random.Random(seed)
     q = StalenessQueue(groups_per_step=groups_per_step, group_size=group_size, max_staleness=max_staleness,
-                       required_fields=FIELDS)
+                       required_fields=FIELDS, admit_ahead=admit_ahead)
     events, tie = [], itertools.count()
     idle = producers  # producers waiting for admission
+    waiting: list[tuple[int, int]] = []  # (seq, version needed): admitted ahead, waiting for weights
     trainer_busy = False
     trained: set[str] = set()
     n_events = 0
@@ -120,6 +122,9 @@ def test_random_timings_never_exceed_the_bound_or_lose_a_sample(max_staleness, g
         while idle and q.can_admit():
             idle -= 1
             seq = q.admit()
+            waiting.append((seq, q.need(seq)))
+        for seq, need in [w for w in waiting if w[1] <= q.version]:
+            waiting.remove((seq, need))
             heapq.heappush(events, (now + rng.expovariate(1.0), next(tie), "done", (seq, q.version)))
         if not trainer_busy:
             batch = q.take(groups_per_step)
