@@ -7,8 +7,8 @@ A request carries several prompt groups (``rollout.groups_per_request``), so eac
 each queue call is paid per request, not per group. Requests for the next step's groups are sent
 before the weights they need exist (``rollout.admit_ahead_steps``): they wait in the rollout and
 start the moment the trainer publishes, so even with ``max_staleness=0`` no driver round trip lies
-between one step's training and the next step's generation. The trainer gets step k+1's request while it
-still trains step k, so it never waits on the driver between steps. Several ``produce`` tasks run
+between one step's training and the next step's generation. The trainer gets step k+1's request
+while it still trains step k, so it never waits on the driver between steps. Several ``produce`` tasks run
 at once; the queue's admission gate bounds how far ahead of the trainer they may get, so with
 ``max_staleness >= 1`` generation overlaps training and with 0 it alternates with it. The driver
 never holds a batch: samples flow between roles as object refs.
@@ -233,7 +233,7 @@ async def _chain_to_queue(roles: Roles, requests: list[GroupRequest], tasks: dic
     try:
         put = roles.queue.put.remote(await response._to_object_ref())
         await put
-    except asyncio.CancelledError:  # timed out or called off: stop the chain, and the put if it has not run yet
+    except asyncio.CancelledError:  # timed out or called off: stop the chain, and the put if not run yet
         generated.cancel()  # not cancelled with the response it feeds (a request waiting for weights)
         response.cancel()
         if put is not None:
