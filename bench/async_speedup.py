@@ -40,6 +40,7 @@ def overrides(args: argparse.Namespace, staleness: int, latency_s: float, steps:
         *([f"trainer.cpus=[{args.trainer_cpu}]"] if args.trainer_cpu >= 0 else []),
         "trainer.save_final=false",
         "logger.progress=false",
+        "rollout.admit_ahead_steps=1",  # what docs/benchmarks.md reports (off by default for now)
         *args.override,
     ]
 

@@ -99,7 +99,8 @@ class RolloutConfig:
     max_new_tokens: int = 8
     # Steps of groups admitted past the staleness bound, sent to the rollout early: each waits there
     # for the weights it needs and starts when they are published (no driver round trip). 0 = off.
-    admit_ahead_steps: int = 1
+    # Off by default for now: a resumed run hung once with it on (see docs/design.md).
+    admit_ahead_steps: int = 0
     # Groups in flight at once; 0 = groups_per_step * (max_staleness + 1 + admit_ahead_steps).
     max_inflight_groups: int = 0
     # Groups per driver request (admitted, generated, rewarded and queued together: one call each
