@@ -206,7 +206,7 @@ async def _timed_from(chain: Awaitable, timeout_s: float, clock: Optional[Versio
                 await asyncio.wait({task, reached}, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 reached.cancel()
-            if not task.done() and not reached.cancelled() and not reached.result():
+            if not task.done() and not reached.result():  # then `reached` finished first
                 task.cancel()  # the run ended before these weights: nothing to generate with
                 await asyncio.gather(task, return_exceptions=True)
                 return
