@@ -24,7 +24,7 @@ import argparse
 from collections import Counter
 from statistics import fmean, median
 
-from common import RESULTS_DIR, bench_dir, compose, fmt, run, steady_steps_per_s, window_mean
+from common import REPORTED_SETTINGS, RESULTS_DIR, bench_dir, compose, fmt, run, steady_steps_per_s, window_mean
 
 
 
@@ -44,7 +44,7 @@ def overrides(args: argparse.Namespace, staleness: int, latency_s: float, steps:
         *([f"trainer.cpus=[{args.trainer_cpu}]"] if args.trainer_cpu >= 0 else []),
         "trainer.save_final=false",
         "logger.progress=false",
-        "rollout.admit_ahead_steps=1",  # what docs/benchmarks.md reports (off by default for now)
+        *REPORTED_SETTINGS,
         *args.override,
     ]
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from common import bench_dir, compose, run, steady_steps_per_s
+from common import REPORTED_SETTINGS, bench_dir, compose, run, steady_steps_per_s
 
 from relaxrl import launch
 from relaxrl.algorithms import make_algorithm
@@ -79,8 +79,7 @@ def measure(args: argparse.Namespace, model: str) -> tuple[float, float]:
     """(bare, RelaxRL) samples/s on the same work; prints the step times."""
     common = ["+experiment=quickstart", "rollout.max_staleness=0", f"trainer.steps={args.steps}",
               "trainer.save_final=false", "logger.progress=false",
-              "rollout.admit_ahead_steps=1",  # what docs/benchmarks.md reports (off by default for now)
-              *MODELS[model], *args.override]
+              *REPORTED_SETTINGS, *MODELS[model], *args.override]
     cfg = compose(*common, f"run_dir={bench_dir('overhead')}")
     per_step = cfg.rollout.group_size * cfg.rollout.groups_per_step
     ends = bare_loop(cfg, args.steps)
