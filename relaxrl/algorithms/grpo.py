@@ -42,7 +42,9 @@ class GRPOConfig:
     loss_agg: str = "token_mean"  # token_mean | seq_mean_token_mean | seq_mean_token_sum
     loss_agg_len: int = 0  # seq_mean_token_sum divides by rows * this; 0 = batch's longest row
     kl_coef: float = 0.0  # > 0 adds kl_coef * k3 KL to the reference (needs the teacher role)
-    off_policy: str = "truncated_is"  # none | decoupled | truncated_is
+    # none: rho = pi / pi_b, clipped (the trust region is around the behaviour policy); measured
+    # best at max_staleness=2 (docs/benchmarks.md) | decoupled | truncated_is
+    off_policy: str = "none"
     is_cap: float = 2.0  # truncated_is: cap on the behaviour importance weight
 
     def __post_init__(self) -> None:
