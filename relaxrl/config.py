@@ -158,8 +158,9 @@ class TrainerConfig:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     torch_threads: int = 1
-    # Pin the trainer replica to these CPU ids and keep the driver and the other roles off them
-    # (one machine: a trainer sharing its cores with generation runs slower). Empty: no pinning.
+    # Pin the trainer replica to these CPU ids and, when generation overlaps training
+    # (max_staleness >= 1), keep the driver and the other roles off them (one machine: a trainer
+    # sharing its cores with generation runs slower). Empty: no pinning.
     cpus: list[int] = field(default_factory=list)
     checkpoint_every: int = 0  # steps between checkpoints; 0: only the final one
     save_final: bool = True

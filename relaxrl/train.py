@@ -66,7 +66,7 @@ def run_experiment(cfg: DictConfig, on_step=None) -> dict:
     roles = launch.start_roles(cfg, model_dir, tuple(algorithm.required_fields))
     monitor = Monitor(cfg, run_dir, cfg.trainer.steps)
     summary = None
-    affinity = keep_off_cpus(cfg.trainer.cpus)  # the driver too keeps off the trainer's CPUs, for this run
+    affinity = keep_off_cpus(launch.reserved_cpus(cfg))  # the driver too keeps off them, for this run
     try:
         result = asyncio.run(run(roles, cfg, env, lambda text: render_prompt_ids(tokenizer, text), monitor,
                                  resume=resume, max_prompt_tokens=max_prompt_tokens, on_step=on_step))

@@ -77,3 +77,11 @@ def test_every_shipped_experiment_composes():
     assert "quickstart" in names
     for name in names:
         assert compose_cfg(f"+experiment={name}").trainer.steps > 0
+
+
+def test_trainer_cpus_are_reserved_only_when_generation_overlaps_training():
+    from relaxrl.launch import reserved_cpus
+
+    assert reserved_cpus(compose_cfg("+experiment=quickstart", "trainer.cpus=[0]")) == [0]  # max_staleness=2
+    assert reserved_cpus(compose_cfg("+experiment=quickstart", "trainer.cpus=[0]", "rollout.max_staleness=0")) == []
+    assert reserved_cpus(compose_cfg("+experiment=quickstart")) == []
