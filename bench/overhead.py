@@ -25,7 +25,7 @@ from relaxrl.engines.hf_generation import HFGenerationEngine
 from relaxrl.engines.torch_trainer import TorchTrainerEngine
 from relaxrl.envs.registry import make_env
 from relaxrl.groups import GroupRequest, groups_per_request, prompts_of, samples_from_generations
-from relaxrl.models.chat import render_prompt_ids
+from relaxrl.models.chat import PromptEncoder
 from relaxrl.models.lora import LoraConfig
 from relaxrl.queue import group_name
 from relaxrl.sample import collate
@@ -42,6 +42,7 @@ def bare_loop(cfg, steps: int) -> list[float]:
                                                      lora=lora, seed=cfg.seed)
     sampling = {"temperature": r.temperature, "top_p": r.top_p, "max_new_tokens": r.max_new_tokens}
     tasks, tok = TaskStream(env, cfg.seed), gen.tokenizer
+    prompt_ids = PromptEncoder(tok)  # as the driver renders prompts
     per_request = groups_per_request(r.groups_per_request, r.batch_max_groups, r.groups_per_step, r.num_replicas)
     ends, seq = [], 0
     for _ in range(steps):
@@ -53,7 +54,7 @@ def bare_loop(cfg, steps: int) -> list[float]:
             for _ in range(min(per_request, r.groups_per_step - first)):
                 task = tasks.get(seq)
                 by_group[group_name(seq)] = task
-                requests.append(GroupRequest(group_id=group_name(seq), prompt_ids=render_prompt_ids(tok, task.prompt),
+                requests.append(GroupRequest(group_id=group_name(seq), prompt_ids=prompt_ids(task.prompt),
                                              n=r.group_size, domain=task.domain, env=cfg.env.name,
                                              answer=task.answer, seed=cfg.seed * 1_000_003 + seq))
                 seq += 1

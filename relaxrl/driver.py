@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Optional
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from relaxrl import checkpoint
 from relaxrl.envs.base import Task
@@ -345,6 +345,9 @@ async def restore(roles: Roles, cfg: DictConfig, env: Any, path: str, stats: Run
 async def run(roles: Roles, cfg: DictConfig, env: Any, prompt_ids: Any, monitor: Monitor, *,
               resume: Optional[str] = None, max_prompt_tokens: Optional[int] = None,
               on_step: Optional[StepHook] = None) -> RunResult:
+    # The loops read the config per request and per step: a DictConfig attribute costs ~30 µs on a
+    # small CPU, a plain dataclass's ~0.1 µs.
+    cfg = OmegaConf.to_object(cfg) if isinstance(cfg, DictConfig) else cfg
     stats = RunResult()
     tasks = await restore(roles, cfg, env, resume, stats) if resume else TaskStream(env, cfg.seed)
     r = cfg.rollout

@@ -31,7 +31,7 @@ def run_experiment(cfg: DictConfig, on_step=None) -> dict:
     from relaxrl.algorithms import make_algorithm
     from relaxrl.driver import run
     from relaxrl.envs.registry import make_env
-    from relaxrl.models.chat import render_prompt_ids
+    from relaxrl.models.chat import PromptEncoder
     from relaxrl.models.loading import load_tokenizer
     from relaxrl.config import Config
     from relaxrl.config_check import check_known_keys
@@ -68,7 +68,7 @@ def run_experiment(cfg: DictConfig, on_step=None) -> dict:
     summary = None
     affinity = keep_off_cpus(launch.reserved_cpus(cfg))  # the driver too keeps off them, for this run
     try:
-        result = asyncio.run(run(roles, cfg, env, lambda text: render_prompt_ids(tokenizer, text), monitor,
+        result = asyncio.run(run(roles, cfg, env, PromptEncoder(tokenizer), monitor,
                                  resume=resume, max_prompt_tokens=max_prompt_tokens, on_step=on_step))
         summary = result.summary()
         summary["run_dir"] = run_dir
