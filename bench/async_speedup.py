@@ -2,12 +2,12 @@
 
 The same GRPO experiment (the quickstart's tiny model and task with 16 groups of 16 responses per
 step, CPU, fixed seeds) runs with ``max_staleness`` 0, 1 and 2, repeated ``--repeats`` times
-interleaved (one seed per repeat; staleness 1 only in the first ``--other-repeats``). The reward role waits ``--latency-ms`` per request (the groups
-of one request are verified concurrently): a *simulated verifier latency* standing in for a
-sandboxed code run, tool call or judge model (I/O-bound: wall time, no CPU). By default it is
-calibrated so that generation + reward take about as long as training + weight publication. The
-trainer is pinned to one CPU and the other roles kept off it (``trainer.cpus``; ``--trainer-cpu -1``
-turns that off).
+interleaved (one seed per repeat; staleness 1 only in the first ``--other-repeats``). The reward
+role waits ``--latency-ms`` per request (the groups of one request are verified concurrently): a
+*simulated verifier latency* standing in for a sandboxed code run, tool call or judge model
+(I/O-bound: wall time, no CPU). By default it is calibrated so that generation + reward take about
+as long as training + weight publication. The trainer is pinned to one CPU (``trainer.cpus``;
+``--trainer-cpu -1`` turns that off), and in the asynchronous runs the other roles keep off it.
 
 From each synchronous run's own stage measurements, the overlap limit is
 ``(gen + reward + train + weight sync per step) / (largest of them)``; efficiency is the measured

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from relaxrl.models.chat import render_prompt_ids
+from relaxrl.models.chat import PromptEncoder, render_prompt_ids
 from relaxrl.models.loading import load_model, load_tokenizer
 from relaxrl.models.tiny import build_tiny_model, build_tokenizer
 
@@ -32,6 +32,16 @@ def test_chat_template_renders_minimal_turns(tok):
     ids = render_prompt_ids(tok, "3+4=")
     assert isinstance(ids, list) and all(type(i) is int for i in ids)
     assert tok.convert_ids_to_tokens(ids) == ["<|user|>", "3", "+", "4", "=", "<|assistant|>"]
+
+
+def test_prompt_encoder_renders_as_the_template_and_returns_fresh_lists(tok):
+    enc = PromptEncoder(tok, max_entries=2)
+    first = enc("3+4=")
+    assert first == render_prompt_ids(tok, "3+4=")
+    first.append(-1)  # a caller changing its list does not change the cached rendering
+    assert enc("3+4=") == render_prompt_ids(tok, "3+4=")
+    for text in ("1+1=", "2+2=", "3+4="):  # evicted entries are rendered again, the same
+        assert enc(text) == render_prompt_ids(tok, text)
 
 
 def test_render_prompt_ids_without_template_raises(tok):
