@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     per_step = args.group_size * args.groups_per_step
     width = max(1, args.steps // 5)  # a fifth of the run
     by_step = {s: mean_curves([[r["reward_mean"] for r in recs] for _, recs in runs]) for s, runs in results.items()}
-    by_policy = {s: mean_curves([reward_by_policy(recs) for _, recs in runs]) for s, runs in results.items()}
+    policy_curves = {s: [reward_by_policy(recs) for _, recs in runs] for s, runs in results.items()}
+    by_policy = {s: mean_curves(curves) for s, curves in policy_curves.items()}
     common = min(len(c) for c in by_policy.values())  # policy versions every run has a batch from
     for frac in (0.25, 0.5, 0.75, 1.0):
         end = max(1, int(common * frac))
@@ -188,8 +189,8 @@ def main(argv: list[str] | None = None) -> None:
             f"s{s}={window_mean(by_step[s], end, width):.3f}" for s in args.staleness))
     final = {s: window_mean(by_policy[s], common, width) for s in args.staleness}
     # Each async setting against the sync runs of its own seeds (staleness 1 may have fewer).
-    sync_same = {s: window_mean(mean_curves([reward_by_policy(recs) for _, recs in results[0][:len(runs)]]),
-                                common, width) for s, runs in results.items()}
+    sync_same = {s: window_mean(mean_curves(policy_curves[0][:len(curves)]), common, width)
+                 for s, curves in policy_curves.items()}
     print(f"sample_efficiency: policies trained on {common * per_step} samples, window {width} versions, "
           f"mean over seeds: sync_reward={final[0]:.3f} ({len(results[0])} seeds) " + " ".join(
               f"s{s}_reward={final[s]:.3f} ({len(results[s])} seeds) diff_s{s}={final[s] - sync_same[s]:+.3f}"
