@@ -344,6 +344,39 @@ async def restore(roles: Roles, cfg: DictConfig, env: Any, path: str, stats: Run
     return TaskStream(env, cfg.seed, start=meta["queue"]["admitted"], keep=tuple(meta["queue"]["in_flight"]))
 
 
+class ProducerFailed(RuntimeError):
+    """A produce loop died of an error outside a request's role calls (those are retried or dropped
+    and counted): nothing would feed the trainer any more, so the run stops with the cause."""
+
+
+async def _train_watching(training: Awaitable, producers: list[asyncio.Task]) -> None:
+    """Run the train loop; if a producer dies first, stop it and raise ``ProducerFailed`` at once
+    instead of letting the trainer wait out ``trainer.get_batch_timeout_s`` for a batch."""
+    trainer = asyncio.ensure_future(training)
+    failure = asyncio.ensure_future(_first_failure(producers))
+    try:
+        await asyncio.wait({trainer, failure}, return_when=asyncio.FIRST_COMPLETED)
+        if not trainer.done() and (error := failure.result()) is not None:
+            trainer.cancel()
+            await asyncio.gather(trainer, return_exceptions=True)
+            raise ProducerFailed(f"a producer loop failed: {type(error).__name__}: {error}") from error
+        await trainer
+    finally:
+        failure.cancel()
+        trainer.cancel()  # a no-op once done; stops the train loop if this call is cancelled
+
+
+async def _first_failure(tasks: list[asyncio.Task]) -> Optional[BaseException]:
+    """The exception of the first of ``tasks`` to fail, or None once all have ended without one."""
+    pending = set(tasks)
+    while pending:
+        done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        for t in done:
+            if not t.cancelled() and t.exception() is not None:
+                return t.exception()
+    return None
+
+
 async def run(roles: Roles, cfg: DictConfig, env: Any, prompt_ids: Any, monitor: Monitor, *,
               resume: Optional[str] = None, max_prompt_tokens: Optional[int] = None,
               on_step: Optional[StepHook] = None) -> RunResult:
@@ -358,7 +391,7 @@ async def run(roles: Roles, cfg: DictConfig, env: Any, prompt_ids: Any, monitor:
                                              clock))
                  for _ in range(-(-inflight // per_request))]
     try:
-        await train(roles, cfg, monitor, stats, t0, on_step, clock)
+        await _train_watching(train(roles, cfg, monitor, stats, t0, on_step, clock), producers)
     finally:
         stats.wall_s = time.time() - t0
         await clock.close()  # requests waiting for weights that will never come are called off

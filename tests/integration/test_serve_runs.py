@@ -98,3 +98,26 @@ def test_trainer_cpus_pin_the_trainer_and_keep_the_other_roles_off(ray_local, tm
     missing = max(before) + 1
     with pytest.raises(ValueError, match=rf"trainer.cpus=\[{missing}\] must be a proper subset"):
         run_experiment(make_cfg(tmp_path / "bad", model_cache, f"trainer.cpus=[{missing}]"))
+
+
+def test_a_producer_error_outside_the_role_calls_ends_the_run_with_its_cause(ray_local, tmp_path, model_cache,
+                                                                            monkeypatch):
+    """An error while building a request (here: the task stream) used to kill its produce loop
+    silently, and the trainer waited trainer.get_batch_timeout_s for a batch that never came."""
+    import time
+
+    from relaxrl import driver
+
+    get = driver.TaskStream.get
+
+    def get_or_fail(self, k):
+        if k >= 20:  # the first steps run, then the stream breaks
+            raise LookupError(f"task {k} is missing from the stream")
+        return get(self, k)
+
+    monkeypatch.setattr(driver.TaskStream, "get", get_or_fail)
+    cfg = make_cfg(tmp_path, model_cache, "trainer.steps=50", "rollout.max_staleness=1")
+    start = time.monotonic()
+    with pytest.raises(driver.ProducerFailed, match="LookupError: task 2[0-9] is missing from the stream"):
+        run_experiment(cfg)
+    assert time.monotonic() - start < cfg.trainer.get_batch_timeout_s / 2
