@@ -68,6 +68,36 @@ def test_verifier_exception_and_timeout_are_counted_not_raised(caplog):
         GuardedVerifier(broken, on_error="ignore")
 
 
+def test_a_hung_verifier_costs_its_own_sample_only():
+    """Samples run in a few pool jobs of consecutive samples; those queued behind a hung one get
+    jobs of their own once the request's timeout passes, and are verified."""
+    calls = []
+
+    def verify(text, task):
+        calls.append(text)
+        if text == "hang":
+            time.sleep(3)
+        return float(text == task.answer)
+
+    guard = GuardedVerifier(verify, timeout_s=0.5, max_workers=2)
+    texts = ["2", "hang", "2", "1", "2", "2"]  # runs [0, 1, 2] and [3, 4, 5]: 2 waits behind the hang
+    batch = [sample(i, text=t) for i, t in enumerate(texts)]
+    t0 = time.monotonic()
+    scored = asyncio.run(guard.score(batch, TASK))
+    assert time.monotonic() - t0 < 2.5
+    assert [s.reward for s in scored] == [1.0, None, 1.0, 0.0, 1.0, 1.0]
+    assert scored[1].reward_info["error"] == "verifier_timeout"
+    assert sorted(calls) == sorted(texts)  # every sample verified once: none twice, none skipped
+
+
+@pytest.mark.parametrize("n, parts, runs", [(6, 2, [[0, 1, 2], [3, 4, 5]]), (5, 8, [[0], [1], [2], [3], [4]]),
+                                            (7, 3, [[0, 1, 2], [3, 4, 5], [6]]), (0, 8, [])])
+def test_verifier_runs_split_the_samples_evenly(n, parts, runs):
+    from relaxrl.envs.guarded import _split
+
+    assert _split(n, parts) == runs
+
+
 def test_empty_response_scores_zero_or_is_dropped_by_name():
     assert all(VERIFIERS[name]("", "2") == 0.0 for name in ("exact", "numeric", "contains"))
     q = StalenessQueue(groups_per_step=1, group_size=2, max_staleness=0,
