@@ -32,8 +32,9 @@ from relaxrl.faults import ReplicaStateLost, fault_reason, is_retryable
 from relaxrl.launch import Roles
 from relaxrl.metrics import first_last_mean, overlap_length, total_length
 from relaxrl.monitor import Monitor
-from relaxrl.queue import QueueError, group_name
+from relaxrl.queue import BatchRequest, QueueError, group_name
 from relaxrl.groups import GroupRequest, groups_per_request
+from relaxrl.services.chain import Route, Stop
 
 log = logging.getLogger(__name__)
 
@@ -181,14 +182,16 @@ async def run_request(roles: Roles, requests: list[GroupRequest], tasks: dict[st
     """generate → reward → (teacher) → queue for one request's groups. A chain lost to a dead or
     hung replica (or slower than ``faults.role_timeout_s``, counted from when the weights it waits
     for exist) is sent again with the same requests and seeds (Serve routes it to a live or
-    restarted replica) up to ``faults.max_retries`` times. The queue only runs ``put`` once the
-    chain's result exists, so a failed attempt never reaches it and a retry cannot duplicate a sample.
+    restarted replica) up to ``faults.max_retries`` times. The put is the chain's last step and
+    carries the attempt number: a retry whose earlier attempt reached the queue after all (its
+    answer lost, or timed out just after) has its samples ignored there, so none is queued twice.
     A chain still waiting for weights when the run ends is called off: its groups stay in flight
     (counted, and generated again by a resumed run)."""
     need = max(r.min_version for r in requests)
     for attempt in range(faults.max_retries + 1):
         try:
-            return await _timed_from(_chain_to_queue(roles, requests, tasks), faults.role_timeout_s, clock, need)
+            return await _timed_from(_chain_to_queue(roles, requests, tasks, attempt), faults.role_timeout_s, clock,
+                                     need)
         except Exception as e:
             if attempt == faults.max_retries or not is_retryable(e):
                 raise
@@ -217,39 +220,27 @@ async def _timed_from(chain: Awaitable, timeout_s: float, clock: Optional[Versio
         task.cancel()  # a no-op once done; stops the chain if this call is cancelled
 
 
-async def _chain_to_queue(roles: Roles, requests: list[GroupRequest], tasks: dict[str, Task]) -> None:
-    # Serve resolves a response passed to another handle, and Ray an ObjectRef passed to an
-    # actor, so samples go rollout → reward → (teacher) → queue without passing through here.
-    generated = roles.rollout.generate.remote(requests)
-    response = roles.reward.score.remote(generated, tasks)
-    if roles.teacher is not None:
-        if roles.teacher_by_domain:  # Serve multiplexing: to a replica holding this domain's teacher
-            domains = {r.domain for r in requests}  # several: the replica splits the samples by domain
-            teacher = roles.teacher
-            if len(domains) == 1:
-                teacher = teacher.options(multiplexed_model_id=domains.pop())
-            response = teacher.score.remote(response)
-        for name, fld in roles.teacher_calls:  # ref (base) log-probs, then teacher ones if needed
-            response = roles.teacher.score.remote(response, name=name, field=fld)
-    put = None
+async def _chain_to_queue(roles: Roles, requests: list[GroupRequest], tasks: dict[str, Task], attempt: int) -> None:
+    # One call: the rollout hands its samples to the reward role, which hands them on (teacher
+    # calls, then the queue's put) along the route; nothing passes through here (relaxrl/services/chain.py).
+    response = roles.rollout.generate.remote(requests, route=route_for(roles, requests, tasks, attempt))
     try:
-        put = roles.queue.put.remote(await response._to_object_ref())
-        await put
-    except asyncio.CancelledError:  # timed out or called off: stop the chain, and the put if not run yet
-        generated.cancel()  # not cancelled with the response it feeds (a request waiting for weights)
+        await response
+    except asyncio.CancelledError:  # timed out or called off: Serve stops the chain where it is
         response.cancel()
-        if put is not None:
-            cancel_quietly(put)
         raise
 
 
-def cancel_quietly(ref: Any) -> None:
-    import ray
-
-    try:
-        ray.cancel(ref)
-    except Exception as e:  # already finished or gone: nothing to stop
-        log.debug("cancel: %s", e)
+def route_for(roles: Roles, requests: list[GroupRequest], tasks: dict[str, Task], attempt: int) -> Route:
+    """The stops after the rollout: the reward role, the teacher calls the algorithm needs, the queue."""
+    stops = [Stop(roles.app("reward"), "score", {"tasks": tasks})]
+    if roles.teacher is not None:
+        if roles.teacher_by_domain:  # Serve multiplexing: to a replica holding this domain's teacher
+            domains = {r.domain for r in requests}  # several: the replica splits the samples by domain
+            stops.append(Stop(roles.app("teacher"), "score", model_id=domains.pop() if len(domains) == 1 else ""))
+        for name, fld in roles.teacher_calls:  # ref (base) log-probs, then teacher ones if needed
+            stops.append(Stop(roles.app("teacher"), "score", {"name": name, "field": fld}))
+    return Route(tuple(stops), roles.queue_name, roles.namespace, attempt)
 
 
 class TrainerLost(RuntimeError):
@@ -265,9 +256,9 @@ async def train(roles: Roles, cfg: DictConfig, monitor: Monitor, stats: RunResul
     version = stats.start_version
     ahead = None  # the next step's request, sent while this one trains
 
-    def send(train_version: int) -> Any:
-        batch_ref = roles.queue.get_batch.remote(cfg.rollout.groups_per_step, tr.get_batch_timeout_s, train_version)
-        return roles.actor.train_step.remote([batch_ref], train_version)
+    def send(train_version: int) -> Any:  # the actor asks the queue for the batch itself: one hop
+        batch = BatchRequest(cfg.rollout.groups_per_step, tr.get_batch_timeout_s, train_version)
+        return roles.actor.train_step.remote(batch, train_version)
 
     for step in range(stats.start_step + 1, tr.steps + 1):
         response, ahead = ahead or send(version), None

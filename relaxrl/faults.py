@@ -49,12 +49,18 @@ def is_retryable(e: BaseException) -> bool:
         return True
     lost = (rex.RayActorError, rex.ObjectLostError, rex.WorkerCrashedError, rex.NodeDiedError,
             ReplicaUnavailableError)
-    if isinstance(e, lost):
-        return True
-    if isinstance(e, rex.RayTaskError):  # a role failed because something it depended on was lost
-        return isinstance(e.cause, lost) if e.cause is not None else False
-    # Serve reports a chained call whose upstream replica died as a plain RayServeException.
-    return isinstance(e, RayServeException) and "died" in str(e)
+
+    def was_lost(err: BaseException) -> bool:
+        if isinstance(err, lost):
+            return True
+        # A role failed because a role after it on the chain (or an object it needed) was lost: the
+        # error comes back wrapped once per role on the way.
+        if isinstance(err, rex.RayTaskError):
+            return err.cause is not None and was_lost(err.cause)
+        # Serve reports a chained call whose upstream replica died as a plain RayServeException.
+        return isinstance(err, RayServeException) and "died" in str(err)
+
+    return was_lost(e)
 
 
 class RequestWatch:

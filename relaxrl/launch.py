@@ -132,10 +132,19 @@ class Roles:
     teacher_by_domain: bool = False  # the teacher is a DomainTeacher: route each group by its domain
     teacher_calls: list = field(default_factory=lambda: [("ref", "ref_logprobs")])  # see teacher_calls()
     extra_actors: list = field(default_factory=list)  # e.g. the broadcast weight-sync coordinator
+    namespace: str = "relaxrl"  # of the named queue and weight store
+
+    def app(self, role: str) -> str:
+        """The Serve application of ``role`` in this run (roles call each other by it)."""
+        return f"{role}-{self.run_id}"
+
+    @property
+    def queue_name(self) -> str:
+        return queue_name(self.run_id)
 
     def app_names(self) -> list[str]:
         roles = ["rollout", "reward", "actor"] + (["teacher"] if self.teacher is not None else [])
-        return [f"{r}-{self.run_id}" for r in roles]
+        return [self.app(r) for r in roles]
 
     def shutdown(self) -> None:
         """Delete this run's Serve apps (all at once) and its queue and weight store."""
@@ -150,6 +159,10 @@ class Roles:
             time.sleep(0.2)
         for handle in (self.queue, self.weights, *self.extra_actors):
             ray.kill(handle)
+
+
+def queue_name(run_id: str) -> str:
+    return f"relaxrl-queue-{run_id}"
 
 
 def needs_teacher(cfg: DictConfig, required_fields: tuple[str, ...]) -> bool:
@@ -171,7 +184,7 @@ def start_roles(cfg: DictConfig, model_dir: str, required_fields: tuple[str, ...
     store = ray.remote(WeightStore).options(name=store_name(run_id), namespace=ns, num_cpus=0).remote()
     queue = (
         ray.remote(QueueActor)
-        .options(name=f"relaxrl-queue-{run_id}", namespace=ns, num_cpus=0, max_concurrency=1000)  # named: watchable
+        .options(name=queue_name(run_id), namespace=ns, num_cpus=0, max_concurrency=1000)  # named: roles put into it
         .remote(
             groups_per_step=cfg.rollout.groups_per_step,
             group_size=cfg.rollout.group_size,
@@ -230,6 +243,7 @@ def start_roles(cfg: DictConfig, model_dir: str, required_fields: tuple[str, ...
             temperature=r.temperature,
             seed=cfg.seed,
             store_name=store_name(run_id),
+            queue_name=queue_name(run_id),
             namespace=ns,
             weight_sync=sync,
             hang_timeout_s=f.hang_timeout_s,
@@ -261,4 +275,4 @@ def start_roles(cfg: DictConfig, model_dir: str, required_fields: tuple[str, ...
     )
     h = dict(zip(names, handles))
     return Roles(run_id, h["rollout"], h["reward"], h["actor"], h.get("teacher"), queue, store, model_dir,
-                 extra_actors=extra, teacher_by_domain=bool(t.domains), teacher_calls=calls)
+                 extra_actors=extra, teacher_by_domain=bool(t.domains), teacher_calls=calls, namespace=ns)

@@ -47,6 +47,15 @@ class _Group:
         return min(s.policy_version for s in self.samples.values())
 
 
+@dataclass(frozen=True)
+class BatchRequest:
+    """What the trainer asks the queue for, for one step: ``QueueActor.get_batch``'s arguments."""
+
+    num_groups: int
+    timeout_s: Optional[float] = None
+    train_version: Optional[int] = None
+
+
 class QueueError(RuntimeError):
     """A producer broke the queue's contract (unknown group, duplicate uid, ...)."""
 
@@ -87,6 +96,7 @@ class StalenessQueue:
         self.generated = 0
         self.rewarded = 0
         self.retried: Counter[str] = Counter()
+        self.redelivered = 0  # samples a retried request put again, ignored (see put)
         # Groups in flight when a checkpoint was taken: re-issued first after a resume, same seq.
         self._redo: deque[int] = deque()
         self._redo_need: dict[int, int] = {}  # their weight version, where ahead of the checkpoint's
@@ -141,16 +151,27 @@ class StalenessQueue:
         return seqs
 
     # --- producers -----------------------------------------------------------------------------
-    def put(self, samples: Sequence[Sample]) -> None:
-        """Add samples of admitted groups; a group is ready once all its samples are in."""
+    def put(self, samples: Sequence[Sample], attempt: int = 0) -> int:
+        """Add samples of admitted groups; a group is ready once all its samples are in. Returns how
+        many samples were added. Nothing is added unless every sample is valid.
+
+        ``attempt`` > 0: a producer's retry of a request whose earlier attempt may have been put
+        already (its answer was lost, or it timed out after the put). Samples of groups already
+        delivered, or closed since, are ignored and counted (``redelivered``): never queued twice."""
+        if attempt > 0:
+            samples = self._not_yet_delivered(samples)
+        seen: set[str] = set()
         for s in samples:
             group = self._groups.get(s.group_id)
             if group is None:
                 raise QueueError(f"sample {s.uid}: group {s.group_id!r} was not admitted or is closed")
-            if s.uid in self._seen_uids or s.index in group.samples:
+            if s.uid in self._seen_uids or s.uid in seen or s.index in group.samples:
                 raise QueueError(f"sample {s.uid} was put twice")
             if not 0 <= s.index < self.group_size:
                 raise QueueError(f"sample {s.uid}: index {s.index} outside group of {self.group_size}")
+            seen.add(s.uid)
+        for s in samples:
+            group = self._groups[s.group_id]
             self._seen_uids.add(s.uid)
             group.samples[s.index] = s
             self.generated += 1
@@ -158,12 +179,22 @@ class StalenessQueue:
             self._note_intervals(s.timings)
         for gid in {s.group_id for s in samples}:
             self._maybe_complete(gid)
+        return len(samples)
+
+    def _not_yet_delivered(self, samples: Sequence[Sample]) -> list[Sample]:
+        fresh = [s for s in samples if s.group_id in self._groups and not self._groups[s.group_id].samples]
+        if len(fresh) < len(samples):
+            self.redelivered += len(samples) - len(fresh)
+            log.warning("a retried request re-delivered %d samples already queued (or closed): ignored",
+                        len(samples) - len(fresh))
+        return fresh
 
     def abandon(self, group_id: str, reason: str, generated: int = 0, rewarded: int = 0) -> None:
-        """A producer gave up on a group (error, timeout): drop it and count why.
+        """A producer gave up on a group (error, timeout): drop it and count why. A group whose
+        samples were delivered (a chain that failed after its put) is kept: they are whole and valid.
 
         ``generated``/``rewarded``: how many of its samples got that far before it was given up."""
-        if group_id in self._groups:
+        if group_id in self._groups and not self._groups[group_id].samples:
             self.generated += generated
             self.rewarded += rewarded
             self._drop(group_id, reason)
@@ -271,6 +302,7 @@ class StalenessQueue:
             "trained_samples": self.consumed_samples,
             "in_flight_samples": self.in_flight_groups() * self.group_size,
             "retried_by_reason": dict(self.retried),
+            "redelivered_samples": self.redelivered,
         }
 
     def check_accounting(self, trained_by_actor: Optional[int] = None) -> None:
@@ -318,6 +350,7 @@ class StalenessQueue:
             "generated": self.generated - len(partial),
             "rewarded": self.rewarded - sum(s.reward is not None for s in partial),
             "retried": dict(self.retried),
+            "redelivered": self.redelivered,
             "in_flight": sorted([g.seq for g in self._groups.values()] + list(self._redo)),
             # Groups admitted ahead keep the version they wait for, so a resumed run generates them
             # with the same weights as an uninterrupted one.
@@ -341,6 +374,7 @@ class StalenessQueue:
         self.staleness_hist = Counter({int(k): v for k, v in snap["staleness_hist"].items()})
         self.generated, self.rewarded = int(snap["generated"]), int(snap["rewarded"])
         self.retried = Counter(snap["retried"])
+        self.redelivered = int(snap.get("redelivered", 0))  # absent from checkpoints before it was counted
         self._redo = deque(int(x) for x in snap["in_flight"])
         self._redo_need = {int(k): int(v) for k, v in snap.get("in_flight_need", {}).items()}
         self._ahead = Counter(self._redo_need.values())  # already admitted: they hold their levels
@@ -354,15 +388,15 @@ def group_name(seq: int) -> str:
 class QueueActor:
     """Async wrapper run as a Ray actor: producers wait in ``admit``, the trainer in ``get_batch``.
 
-    Two conditions, so a put wakes only the trainer and a version bump only the producers: with
-    many producers a shared one would wake every waiter on every put.
+    Two conditions, so a put wakes only the trainer, never the producers waiting for admission:
+    with many producers a shared one would wake every waiter on every put.
     """
 
     def __init__(self, **kwargs) -> None:
         self.q = StalenessQueue(**kwargs)
         self._capacity = asyncio.Condition()  # producers waiting for admission
         self._ready = asyncio.Condition()  # the trainer waiting for a batch
-        self._taking = asyncio.Lock()  # batch requests are served one at a time, oldest first
+        self._served_next = 0  # batch requests are served in train-version order: this one's turn is next
         self._closed = False
 
     @staticmethod
@@ -385,12 +419,13 @@ class QueueActor:
             await self._capacity.wait_for(lambda: self._closed or self.q.can_admit())
             return None if self._closed else [(seq, self.q.need(seq)) for seq in self.q.admit_up_to(n)]
 
-    async def put(self, samples: list[Sample]) -> None:
+    async def put(self, samples: list[Sample], attempt: int = 0) -> int:
         dropped = self.q.dropped_groups
-        self.q.put(samples)
+        added = self.q.put(samples, attempt)
         if self.q.dropped_groups != dropped:  # a dropped group gives its admission slot back
             await self._wake(self._capacity)
         await self._wake(self._ready)
+        return added
 
     async def abandon(self, group_id: str, reason: str, generated: int = 0, rewarded: int = 0) -> None:
         self.q.abandon(group_id, reason, generated, rewarded)
@@ -408,28 +443,40 @@ class QueueActor:
     async def get_batch(self, num_groups: int, timeout_s: Optional[float] = None,
                         train_version: Optional[int] = None) -> Optional[list[Sample]]:
         """Wait until ``num_groups`` complete groups fresh for ``train_version`` (default: the
-        current version) are ready; None once closed."""
+        current version) are ready; None once closed.
+
+        Requests are served in train-version order, whatever order they arrive in (Ray does not
+        order an async actor's calls): a request one step ahead must neither take, nor drop as
+        stale, the groups the one before it waits for."""
         batch: Optional[list[Sample]] = None
+        version = self.q.version if train_version is None else train_version
 
         def ready() -> bool:
             nonlocal batch
             if self._closed:
                 return True
+            if version > max(self.q.version, self._served_next):  # the step before is not served yet
+                return False
             dropped = self.q.dropped_groups
             batch = self.q.take(num_groups, train_version)
             if self.q.dropped_groups != dropped:  # stale groups dropped in take() free admission slots
                 asyncio.get_running_loop().create_task(self._wake(self._capacity))
             return batch is not None
 
-        # In order: a request one step ahead must not take, or drop as stale, what the one before waits for.
-        async with self._taking:
+        async def served() -> None:
             async with self._ready:
-                await asyncio.wait_for(self._ready.wait_for(ready), timeout_s)
+                await self._ready.wait_for(ready)
+                if batch is not None:
+                    self._served_next = max(self._served_next, version + 1)
+                    self._ready.notify_all()  # the next version's request may go now
+
+        await asyncio.wait_for(served(), timeout_s)
         return batch
 
     async def set_version(self, version: int) -> None:
         self.q.set_version(version)
         await self._wake(self._capacity)
+        await self._wake(self._ready)  # a batch request for this version may be next now
 
     async def close(self) -> None:
         self._closed = True

@@ -8,12 +8,13 @@ import os
 import random
 import time
 from collections import Counter
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import ray
 from ray import serve
 
 from relaxrl.metrics import info_means
+from relaxrl.queue import BatchRequest
 from relaxrl.sample import Sample, collate
 from relaxrl.services.common import pin_cpus, quiet_replica_logs, set_threads
 
@@ -31,6 +32,7 @@ class Actor:
         temperature: float = 1.0,
         seed: int = 0,
         store_name: Optional[str] = None,
+        queue_name: Optional[str] = None,
         namespace: str = "relaxrl",
         weight_sync: Optional[dict] = None,
         hang_timeout_s: float = 600.0,
@@ -70,6 +72,7 @@ class Actor:
             self.engine = make_trainer_engine(engine, model_dir, **engine_kwargs)
         self.pad_id = load_tokenizer(model_dir).pad_token_id
         self.store = ray.get_actor(store_name, namespace=namespace) if store_name else None
+        self.queue = ray.get_actor(queue_name, namespace=namespace) if queue_name else None
         self.sender = None
         if weight_sync and weight_sync.get("method") == "broadcast":
             from relaxrl.services.broadcast_sync import BroadcastSender
@@ -85,9 +88,10 @@ class Actor:
         self._training = False
         self._publishing: Optional[asyncio.Future] = None  # the newest publication; the next one waits for it
 
-    async def train_step(self, batch_ref: list[Any], expect_version: Optional[int] = None) -> dict:
-        """One step on the queue batch behind ``batch_ref`` (``[ObjectRef]``: fetched here, so the
-        samples never pass through the driver). Returns metrics once the new weights are published.
+    async def train_step(self, batch: Union[BatchRequest, list[Any]], expect_version: Optional[int] = None) -> dict:
+        """One step on a batch: asked from the queue here (``BatchRequest``), so it comes straight
+        from the queue to the trainer, or the samples behind ``[ObjectRef]``. Returns metrics once the
+        new weights are published.
 
         ``expect_version``: the version this step trains from. The driver may send step k+1 while
         step k still trains: it fetches and collates its batch meanwhile and trains when the
@@ -95,7 +99,7 @@ class Actor:
         refuses to train rather than silently start over."""
         self._arrived[expect_version] += 1  # at once: steps arrive in the order the driver sent them
         try:
-            samples: list[Sample] = await batch_ref[0]
+            samples: list[Sample] = await self._fetch(batch)
             if not samples:
                 raise ValueError("train_step got an empty batch")
             collated = await asyncio.to_thread(collate, samples, self.pad_id)  # overlaps the step before
@@ -146,6 +150,14 @@ class Actor:
             "publish_bytes": publish_bytes,
             "trained": [[s.uid, s.policy_version] for s in samples],  # the audit log, in training order
         }
+
+    async def _fetch(self, batch: Union[BatchRequest, list[Any]]) -> Any:
+        """The batch's samples (the queue serves batch requests in train-version order)."""
+        if not isinstance(batch, BatchRequest):
+            return await batch[0]
+        if self.queue is None:
+            raise RuntimeError("train_step got a BatchRequest, but this actor was started without a queue_name")
+        return await self.queue.get_batch.remote(batch.num_groups, batch.timeout_s, batch.train_version)
 
     def _my_turn(self, expect_version: Optional[int]) -> bool:
         """True when this step may train; raises when it never will (lost state, out of order)."""

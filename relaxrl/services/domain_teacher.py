@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from ray import serve
 
 from relaxrl.sample import Sample
+from relaxrl.services.chain import Forwarder, Route
 from relaxrl.services.common import keep_off_cpus, quiet_replica_logs, set_threads
 
 MAX_MODELS_PER_REPLICA = 8
@@ -32,6 +33,7 @@ class DomainTeacher:
         self.paths = dict(checkpoints)
         self.dtype, self.torch_threads, self.top_k, self.temperature = dtype, torch_threads, top_k, temperature
         self.loads: dict[str, int] = defaultdict(int)  # teacher loads per domain (evictions reload)
+        self.forwarder = Forwarder()
 
     @serve.multiplexed(max_num_models_per_replica=MAX_MODELS_PER_REPLICA)
     async def get_teacher(self, domain: str):
@@ -44,8 +46,9 @@ class DomainTeacher:
             HFGenerationEngine.from_pretrained, self.paths[domain], dtype=self.dtype, torch_threads=self.torch_threads
         )
 
-    async def score(self, samples: list[Sample], top_k: Optional[int] = None) -> list[Sample]:
-        """``samples`` with ``teacher_logprobs`` from the teacher of each one's ``domain``."""
+    async def score(self, samples: list[Sample], top_k: Optional[int] = None, route: Optional[Route] = None) -> Any:
+        """``samples`` with ``teacher_logprobs`` from the teacher of each one's ``domain``; with a
+        ``route`` they go on to its next stop (see ``Rollout.generate``)."""
         routed = serve.get_multiplexed_model_id()
         by_domain: dict[str, list[int]] = defaultdict(list)
         for i, s in enumerate(samples):
@@ -67,7 +70,7 @@ class DomainTeacher:
                 if scored.topk_ids is not None:
                     extra = {"teacher_topk_ids": scored.topk_ids[j], "teacher_topk_logprobs": scored.topk_logprobs[j]}
                 out[i] = samples[i].replace(teacher_logprobs=scored.logprobs[j], **extra)
-        return out
+        return await self.forwarder.forward(out, route)
 
     def stats(self) -> dict:
         return {"loads": dict(self.loads)}

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 from ray import serve
 
 from relaxrl.envs.base import Task
 from relaxrl.envs.guarded import task_of
 from relaxrl.sample import Sample
+from relaxrl.services.chain import Forwarder, Route
 from relaxrl.services.common import keep_off_cpus, quiet_replica_logs
 
 
@@ -30,9 +31,12 @@ class Reward:
         self.watch = RequestWatch(hang_timeout_s)  # a verifier stuck this long makes the replica unhealthy
         self.guard = GuardedVerifier(self.env.verify, timeout_s=timeout_s, max_workers=max_workers,
                                      on_error=on_error, error_reward=error_reward, track=self.watch.wrap)
+        self.forwarder = Forwarder()
 
-    async def score(self, samples: list[Sample], tasks: Union[Task, dict[str, Task]]) -> list[Sample]:
-        """Samples with ``reward`` set; a failed verification leaves it None (or error_reward).
+    async def score(self, samples: list[Sample], tasks: Union[Task, dict[str, Task]],
+                    route: Optional[Route] = None) -> Any:
+        """Samples with ``reward`` set; a failed verification leaves it None (or error_reward). With a
+        ``route`` they go on to its next stop (see ``Rollout.generate``).
 
         ``tasks``: the task of every sample, or ``{group_id: task}`` for a request of several groups."""
         start = time.time()
@@ -46,7 +50,9 @@ class Reward:
             scored = [s.replace(reward_info={**self.env.response_info(s.response_text, task_of(tasks, s)),
                                              **s.reward_info}) for s in scored]
         end = time.time()
-        return [s.replace(timings={**s.timings, "reward_start": start, "reward_end": end}) for s in scored]
+        for s in scored:  # the guard's own copies: stamped in place
+            s.timings = {**s.timings, "reward_start": start, "reward_end": end}
+        return await self.forwarder.forward(scored, route)
 
     def check_health(self) -> None:
         self.watch.check()

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from ray import serve
 
 from relaxrl.engines.base import SamplingParams
 from relaxrl.groups import GroupRequest, prompts_of, samples_from_generations
 from relaxrl.sample import Sample
+from relaxrl.services.chain import Forwarder, Route
 from relaxrl.services.common import WeightFollower, keep_off_cpus, quiet_replica_logs, set_threads
 
 
@@ -60,19 +61,21 @@ class Rollout:
             coordinator = ray.get_actor(weight_sync["coordinator"], namespace=namespace)
             self.receiver = BroadcastReceiver(self.engine, coordinator, weight_sync["backend"], self._weights_lock)
         self.sampling = sampling
+        self.forwarder = Forwarder()
         # Serve batches requests; each carries up to groups_per_request groups.
         self._generate_batch.set_max_batch_size(max(1, batch_max_groups // max(1, groups_per_request)))
         self._generate_batch.set_batch_wait_timeout_s(batch_wait_s)
 
-    async def generate(self, requests: list[GroupRequest]) -> list[Sample]:
-        """Samples of every group in ``requests`` (one driver request carries several groups), in order.
+    async def generate(self, requests: list[GroupRequest], route: Optional[Route] = None) -> Any:
+        """Samples of every group in ``requests`` (one driver request carries several groups), in
+        order; with a ``route``, they go on to its next stop and this answers what the chain's end did.
 
         A request sent ahead of the weights it needs (``min_version``) waits for their publication
         here, then joins a batch."""
         need = max((r.min_version for r in requests), default=0)
         if need > self.engine.version:
             await self._wait_for_weights(need)
-        return await self._generate_batch(list(requests))
+        return await self.forwarder.forward(await self._generate_batch(list(requests)), route)
 
     async def _wait_for_weights(self, version: int) -> None:
         if self.receiver is None:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from ray import serve
 
 from relaxrl.sample import Sample
+from relaxrl.services.chain import Forwarder, Route
 from relaxrl.services.common import keep_off_cpus, quiet_replica_logs, set_threads
 
 _FIELDS = ("ref_logprobs", "teacher_logprobs")
@@ -29,6 +30,7 @@ class Teacher:
         self.torch_threads = torch_threads
         self.top_k = top_k
         self._engines: dict[str, object] = {}  # loaded lazily, by checkpoint name
+        self.forwarder = Forwarder()
 
     def _engine(self, name: str):
         if name not in self.paths:
@@ -42,7 +44,9 @@ class Teacher:
         return self._engines[name]
 
     async def score(self, samples: list[Sample], name: str = "ref", field: str = "ref_logprobs",
-                    top_k: Optional[int] = None) -> list[Sample]:
+                    top_k: Optional[int] = None, route: Optional[Route] = None) -> Any:
+        """``samples`` with ``field`` filled from checkpoint ``name``; with a ``route`` they go on to
+        its next stop (see ``Rollout.generate``)."""
         if field not in _FIELDS:
             raise ValueError(f"teacher field must be one of {_FIELDS}, got {field!r}")
         k = self.top_k if top_k is None else top_k
@@ -56,7 +60,7 @@ class Teacher:
             if field == "teacher_logprobs" and scored.topk_ids is not None:
                 extra = {"teacher_topk_ids": scored.topk_ids[i], "teacher_topk_logprobs": scored.topk_logprobs[i]}
             out.append(s.replace(**{field: scored.logprobs[i]}, **extra))
-        return out
+        return await self.forwarder.forward(out, route)
 
     def check_health(self) -> None:
         self.watch.check()

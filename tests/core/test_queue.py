@@ -337,17 +337,24 @@ def test_a_batch_asked_one_version_ahead_is_fresh_for_that_version():
     q.check_accounting()
 
 
-def test_batch_requests_are_served_in_order(ray_local):
-    """The trainer's request for step k+1 waits behind step k's: it must neither take nor drop as
-    stale the groups step k is still waiting for."""
+@pytest.mark.parametrize("ahead_first", [False, True])
+def test_batch_requests_are_served_in_version_order(ray_local, ahead_first):
+    """The trainer's request for step k+1 waits behind step k's, whichever reaches the queue first
+    (Ray does not order an async actor's calls): it must neither take nor drop as stale the groups
+    step k is still waiting for."""
     ray = ray_local
     actor = ray.remote(QueueActor).options(max_concurrency=100).remote(
         groups_per_step=2, group_size=1, max_staleness=0, required_fields=FIELDS)
 
     async def main():
         assert await actor.admit_many.remote(2) == [(0, 0), (1, 0)]
-        first = asyncio.ensure_future(actor.get_batch.remote(2, 30.0, 0))
-        ahead = asyncio.ensure_future(actor.get_batch.remote(2, 30.0, 1))
+        if ahead_first:
+            ahead = asyncio.ensure_future(actor.get_batch.remote(2, 30.0, 1))
+            await asyncio.sleep(0.2)
+            first = asyncio.ensure_future(actor.get_batch.remote(2, 30.0, 0))
+        else:
+            first = asyncio.ensure_future(actor.get_batch.remote(2, 30.0, 0))
+            ahead = asyncio.ensure_future(actor.get_batch.remote(2, 30.0, 1))
         await asyncio.sleep(0.2)
         await actor.put.remote(make_group(0, 1, 0))  # half of step 0's batch: stale for step 1
         await asyncio.sleep(0.2)
@@ -362,3 +369,40 @@ def test_batch_requests_are_served_in_order(ray_local):
     assert ray.get(actor.metrics.remote())["dropped_groups"] == 0
     ray.get(actor.check_accounting.remote())
     ray.kill(actor)
+
+
+def test_a_retried_request_is_not_queued_twice():
+    """The put is the last step of a role chain; a retry (attempt > 0) may reach it after an
+    earlier attempt did: what was delivered already, or closed since, is ignored and counted."""
+    q = StalenessQueue(groups_per_step=2, group_size=2, max_staleness=1, required_fields=FIELDS)
+    g0, g1, g2 = q.admit(), q.admit(), q.admit()
+    assert q.put(make_group(g0, 2, 0) + make_group(g1, 2, 0)) == 4  # attempt 0 arrived after all
+    assert q.put(make_group(g0, 2, 0) + make_group(g1, 2, 0), attempt=1) == 0  # its retry: ignored
+    assert len(q.take(1)) == 2  # g0 trained; a late retry of it is ignored too
+    assert q.put(make_group(g0, 2, 0) + make_group(g2, 2, 0), attempt=2) == 2  # g2 is new: queued
+    m = q.metrics()
+    assert m["redelivered_samples"] == 4 + 2 and m["generated_samples"] == 6
+    with pytest.raises(QueueError, match="put twice"):  # a first attempt stays strict
+        q.put(make_group(g2, 2, 0))
+    q.check_accounting()
+
+
+def test_a_rejected_put_adds_nothing():
+    q = StalenessQueue(groups_per_step=2, group_size=2, max_staleness=0)
+    g0, g1 = q.admit(), q.admit()
+    bad = make_group(g0, 2, 0) + [make_group(g1, 2, 0)[0].replace(index=5, uid="g1/5")]
+    with pytest.raises(QueueError, match="index 5 outside group of 2"):
+        q.put(bad)
+    assert q.metrics()["generated_samples"] == 0
+    assert q.put(make_group(g0, 2, 0)) == 2  # the valid half can still come, once
+
+
+def test_abandoning_a_delivered_group_keeps_it():
+    """A chain can fail after its put (its answer lost): the delivered groups are whole and valid."""
+    q = StalenessQueue(groups_per_step=2, group_size=1, max_staleness=0, required_fields=FIELDS)
+    g0, g1 = q.admit(), q.admit()
+    q.put(make_group(g0, 1, 0))
+    q.abandon(group_name(g0), "error_RayActorError")
+    q.abandon(group_name(g1), "error_RayActorError")
+    assert q.metrics()["dropped_by_reason"] == {"error_RayActorError": 1} and q.ready_groups() == 1
+    q.check_accounting()
