@@ -32,6 +32,7 @@ def init_ray(cfg: DictConfig) -> None:
         # Local runs need no auth token; a cluster keeps whatever its operator configured.
         if cfg.ray.address is None:
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+            os.environ["RAY_worker_niceness"] = str(cfg.ray.worker_niceness)  # the raylet starts the workers
         ray.init(
             address=cfg.ray.address,
             num_cpus=cfg.ray.num_cpus if cfg.ray.address is None else None,

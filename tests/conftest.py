@@ -8,6 +8,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_worker_niceness", "0")  # as a run's own local Ray (ray.worker_niceness)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
