@@ -97,7 +97,9 @@ class Actor:
         step k still trains: it fetches and collates its batch meanwhile and trains when the
         version reaches ``expect_version``. A replica Serve restarted from the initial weights
         refuses to train rather than silently start over."""
-        self._arrived[expect_version] += 1  # at once: steps arrive in the order the driver sent them
+        # Counted at once, before the batch is asked for: the queue serves batch requests in version
+        # order, so by the time a step has its batch, the step before it is counted here.
+        self._arrived[expect_version] += 1
         try:
             samples: list[Sample] = await self._fetch(batch)
             if not samples:
