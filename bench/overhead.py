@@ -92,7 +92,7 @@ def bare_loop(cfg, steps: int) -> tuple[list[float], dict[str, list[float]]]:
 # whose step (~7x longer) is closer to what a real step's compute is to the framework's fixed costs.
 # Each with its steps per run and repeats (the wide model's runs are long, and steadier).
 MODELS = {
-    "quickstart": ([], 80, 3),
+    "quickstart": ([], 80, 5),
     "wide": (["model.tiny.hidden_size=256", "model.tiny.intermediate_size=1024", "model.tiny.num_layers=4"], 40, 1),
 }
 
