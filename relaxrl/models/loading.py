@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerFast
 
 from relaxrl.models.tiny import build_tiny_model, build_tokenizer
 from relaxrl.models.warm_start import warm_start as run_warm_start
@@ -43,9 +43,30 @@ def _require_local_dir(path: Union[str, os.PathLike], need_config: bool) -> Path
     return p
 
 
+# tokenizer_config.json classes meaning "the tokenizer is tokenizer.json, as it is".
+_GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
 def load_tokenizer(path: Union[str, os.PathLike]) -> Any:
-    """The tokenizer saved in the local directory ``path``."""
-    return AutoTokenizer.from_pretrained(str(_require_local_dir(path, need_config=False)), local_files_only=True)
+    """The tokenizer saved in the local directory ``path``.
+
+    A directory whose tokenizer_config.json names the generic class (what ``save_pretrained`` of a
+    plain tokenizer.json tokenizer writes, as the tiny models' does) is loaded as exactly that file.
+    AutoTokenizer would pick the class by the model's type instead (transformers 5 does so for
+    qwen2), and Qwen2's tokenizer rebuilds the pre-tokenizer: the character-level tokenizer of a
+    tiny Qwen2 then dropped every space and newline it encoded. Any other directory goes through
+    AutoTokenizer."""
+    p = _require_local_dir(path, need_config=False)
+    if (p / "tokenizer.json").is_file() and _tokenizer_class(p) in _GENERIC_TOKENIZER_CLASSES:
+        return PreTrainedTokenizerFast.from_pretrained(str(p), local_files_only=True)
+    return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+
+
+def _tokenizer_class(p: Path) -> Optional[str]:
+    try:
+        return json.loads((p / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, ValueError):
+        return None
 
 
 def load_model(path: Union[str, os.PathLike], dtype: Union[str, torch.dtype] = "float32") -> PreTrainedModel:

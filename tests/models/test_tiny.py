@@ -84,6 +84,18 @@ def test_saved_model_loads_through_the_real_path(tok, tmp_path):
     assert loaded.dtype == torch.float32 and not loaded.training
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_reloaded_tokenizer_keeps_spaces_and_newlines(tok, tmp_path, arch):
+    # transformers picks Qwen2's own tokenizer class for a qwen2 config, which dropped these.
+    build_tiny_model(tok, arch=arch).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    loaded = load_tokenizer(tmp_path)
+    text = "calc 9 + 3\nthen  done"
+    assert loaded.encode(text) == tok.encode(text)
+    assert loaded.decode(loaded.encode(text)) == text
+    assert render_prompt_ids(loaded, text) == render_prompt_ids(tok, text)
+
+
 def test_load_errors_name_the_path(tmp_path):
     missing = tmp_path / "nope"
     with pytest.raises(FileNotFoundError, match="nope.*does not download"):
