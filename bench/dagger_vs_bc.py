@@ -14,7 +14,7 @@ same number of optimizer steps on the same number of training episodes per colle
 Success is measured on held-out seeds (never trained on) with the student alone, sampling at the
 rollout temperature as it does in training (``success``) and greedily (``success_greedy``).
 Ends with ``dagger_vs_bc: dagger_success=D bc_success=B grpo_success=G labels=N`` and writes the
-success-vs-labels plot (docs/dagger_success_vs_labels.png).
+success-vs-labels plot (docs/dagger_success_vs_labels[_<env>].png).
 """
 
 from __future__ import annotations
@@ -114,10 +114,12 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", default="dagger,bc,grpo")
     p.add_argument("--workers", type=int, default=2, help="methods run in parallel processes")
-    p.add_argument("--plot", default="docs/dagger_success_vs_labels.png")
+    p.add_argument("--plot", default=None, help="where the plot goes (default: docs/dagger_success_vs_labels.png, with _<env> before .png for an env other than guess); '' for none")
     p.add_argument("--json", default="", help="also write the results here")
     p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/relaxrl/models"))
     a = p.parse_args()
+    if a.plot is None:  # one plot per env: the calculator run must not overwrite the guess one
+        a.plot = "docs/dagger_success_vs_labels" + ("" if a.env == "guess" else f"_{a.env}") + ".png"
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
