@@ -40,8 +40,9 @@ def samples_from_generations(
     if len(gens) != sum(r.n for r in requests):
         raise ValueError(f"{len(gens)} generations for {sum(r.n for r in requests)} requested samples")
     out, it = [], iter(gens)
+    timings = dict(timings)  # one dict for all the call's samples (see ``Sample.timings``)
     for r in requests:
-        group = []
+        group, prompt = [], list(r.prompt_ids)  # a group's samples share their prompt's list
         for k in range(r.n):
             g = next(it)
             # The verifier sees the text without the EOS token the model stopped on.
@@ -51,7 +52,7 @@ def samples_from_generations(
                     uid=f"{r.group_id}/{k}",
                     group_id=r.group_id,
                     index=k,
-                    prompt_ids=list(r.prompt_ids),
+                    prompt_ids=prompt,
                     domain=r.domain,
                     env=r.env,
                     answer=r.answer,
@@ -61,7 +62,7 @@ def samples_from_generations(
                     policy_version=version,
                     finish_reason=g.finish_reason,
                     response_text=tokenizer.decode(text_ids, skip_special_tokens=True),
-                    timings=dict(timings),
+                    timings=timings,
                 )
             )
         out.append(group)

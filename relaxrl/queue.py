@@ -31,7 +31,7 @@ from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from relaxrl.sample import Sample
+from relaxrl.sample import Packed, Sample
 
 log = logging.getLogger(__name__)
 
@@ -170,13 +170,16 @@ class StalenessQueue:
             if not 0 <= s.index < self.group_size:
                 raise QueueError(f"sample {s.uid}: index {s.index} outside group of {self.group_size}")
             seen.add(s.uid)
+        noted = None
         for s in samples:
             group = self._groups[s.group_id]
             self._seen_uids.add(s.uid)
             group.samples[s.index] = s
             self.generated += 1
             self.rewarded += s.reward is not None
-            self._note_intervals(s.timings)
+            if s.timings is not noted:  # a request's samples share one dict
+                self._note_intervals(s.timings)
+                noted = s.timings
         for gid in {s.group_id for s in samples}:
             self._maybe_complete(gid)
         return len(samples)
@@ -441,9 +444,9 @@ class QueueActor:
         self.q.note_retry(reason)
 
     async def get_batch(self, num_groups: int, timeout_s: Optional[float] = None,
-                        train_version: Optional[int] = None) -> Optional[list[Sample]]:
+                        train_version: Optional[int] = None) -> Optional[Packed]:
         """Wait until ``num_groups`` complete groups fresh for ``train_version`` (default: the
-        current version) are ready; None once closed.
+        current version) are ready (as ``Packed``: the caller unpickles a plain list); None once closed.
 
         Requests are served in train-version order, whatever order they arrive in (Ray does not
         order an async actor's calls): a request one step ahead must neither take, nor drop as
@@ -471,7 +474,7 @@ class QueueActor:
                     self._ready.notify_all()  # the next version's request may go now
 
         await asyncio.wait_for(served(), timeout_s)
-        return batch
+        return None if batch is None else Packed(batch)
 
     async def set_version(self, version: int) -> None:
         self.q.set_version(version)

@@ -50,7 +50,9 @@ class Sample:
     teacher_logprobs: Optional[list[float]] = None
     teacher_topk_ids: Optional[list[list[int]]] = None
     teacher_topk_logprobs: Optional[list[list[float]]] = None
-    timings: dict[str, float] = field(default_factory=dict)  # gen_start/gen_end (wall clock), ...
+    # gen_start/gen_end (wall clock), ...: one dict shared by the samples of a generate call, so a
+    # batch pickles it once. Never changed in place: a role adding timings assigns a new dict.
+    timings: dict[str, float] = field(default_factory=dict)
 
     def missing(self, fields: Sequence[str]) -> list[str]:
         """Names of the required ``fields`` not yet filled in."""
@@ -61,6 +63,37 @@ class Sample:
 
     def replace(self, **changes: Any) -> "Sample":
         return dataclasses.replace(self, **changes)
+
+
+_FIELD_NAMES = tuple(f.name for f in dataclasses.fields(Sample))
+
+
+class Packed:
+    """A list of samples as it travels between roles: pickled column by column, and unpickled as
+    the plain ``list[Sample]`` again, so a receiver never sees this class.
+
+    Unpickling one object per field (instead of the dataclass's per-sample state dicts) took a
+    256-sample batch from 2.4 to 1.5 ms, 4.3 to 2.4 ms both ways (docs/benchmarks.md); each
+    request's samples make three such hops (rollout → reward → queue → trainer)."""
+
+    def __init__(self, samples: Sequence[Sample]) -> None:
+        self.samples = samples
+
+    def __reduce__(self) -> tuple:
+        rows = [s.__dict__ for s in self.samples]
+        return _unpack, (_FIELD_NAMES, [[r[f] for r in rows] for f in _FIELD_NAMES])
+
+
+def _unpack(names: Sequence[str], columns: Sequence[list]) -> list[Sample]:
+    """The samples ``Packed`` pickled (no ``__init__`` call: the values were checked when built)."""
+    if tuple(names) != _FIELD_NAMES:  # a sender running other code than this process
+        return [Sample(**dict(zip(names, row))) for row in zip(*columns)]
+    out = []
+    for row in zip(*columns):
+        s = object.__new__(Sample)
+        s.__dict__.update(zip(names, row))
+        out.append(s)
+    return out
 
 
 @dataclass

@@ -3,8 +3,9 @@
 The driver sends each request to the rollout with a ``Route``: the roles still to call and the
 queue to put into at the end. Every role, once its own work is done, hands its output straight to
 the next stop and answers with what that stop answered, so samples go role to role in one hop
-each and the driver makes one call per request, not one per role (on the synchronous critical
-path each hop through the driver cost a Serve round trip: see docs/benchmarks.md).
+each (pickled column-wise, ``relaxrl.sample.Packed``) and the driver makes one call per request,
+not one per role (on the synchronous critical path each hop through the driver cost a Serve round
+trip: see docs/benchmarks.md).
 
 A route is retried as a whole by the driver (``relaxrl.driver.run_request``). The queue's put is the
 chain's last step, so a retry may reach it after an earlier attempt did: the put carries the
@@ -17,6 +18,8 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional
+
+from relaxrl.sample import Packed
 
 
 @dataclass(frozen=True)
@@ -49,12 +52,12 @@ class Forwarder:
         if route is None:
             return samples
         if not route.stops:
-            return await self._queue(route).put.remote(samples, route.attempt)
+            return await self._queue(route).put.remote(Packed(samples), route.attempt)
         stop, rest = route.stops[0], replace(route, stops=route.stops[1:])
         handle = self._handle(stop.app)
         if stop.model_id:
             handle = handle.options(multiplexed_model_id=stop.model_id)
-        response = getattr(handle, stop.method).remote(samples, **stop.kwargs, route=rest)
+        response = getattr(handle, stop.method).remote(Packed(samples), **stop.kwargs, route=rest)
         try:
             return await response
         except asyncio.CancelledError:  # this request was called off or timed out: so is the next one

@@ -50,8 +50,12 @@ class Reward:
             scored = [s.replace(reward_info={**self.env.response_info(s.response_text, task_of(tasks, s)),
                                              **s.reward_info}) for s in scored]
         end = time.time()
-        for s in scored:  # the guard's own copies: stamped in place
-            s.timings = {**s.timings, "reward_start": start, "reward_end": end}
+        stamped: dict[int, tuple[dict, dict]] = {}  # one new timings dict per (shared) dict the samples came with
+        for s in scored:  # the guard's own copies
+            old = s.timings
+            if id(old) not in stamped:
+                stamped[id(old)] = (old, {**old, "reward_start": start, "reward_end": end})
+            s.timings = stamped[id(old)][1]
         return await self.forwarder.forward(scored, route)
 
     def check_health(self) -> None:

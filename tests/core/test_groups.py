@@ -23,7 +23,9 @@ def test_groups_keep_request_order_and_strip_eos_from_text():
     assert first.response_ids == [0, 7] and first.loss_mask == [1, 1]  # but trained on
     assert groups[1][0].response_text == "cd" and groups[1][0].domain == "d"
     assert {s.policy_version for g in groups for s in g} == {3}
-    assert groups[0][0].timings is not groups[0][1].timings  # each sample owns its timings
+    # One timings dict for the call and one prompt list per group, so a batch pickles each once.
+    assert groups[0][0].timings is groups[1][0].timings == {"gen_start": 1.0, "gen_end": 2.0}
+    assert groups[0][0].prompt_ids is groups[0][1].prompt_ids and groups[0][0].prompt_ids is not reqs[0].prompt_ids
 
 
 def test_generation_count_mismatch_is_an_error():
