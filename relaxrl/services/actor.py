@@ -121,11 +121,10 @@ class Actor:
             trained_on = self.engine.version
             start = time.time()
             batch = self.algorithm.prepare(collated)
-            metrics = await asyncio.to_thread(self.watch.wrap(self.engine.train_step), batch, self.algorithm.loss)
-            end = time.time()
-            publish_start = time.time()
+            metrics, end, payload = await asyncio.to_thread(self.watch.wrap(self._train_then_copy), batch)
+            publish_start = end  # the copy made in the training thread is the publication's start
             new_version = self.engine.version
-            publish = await self._export()
+            publish = await self._export(payload)
         finally:
             async with self._turn:
                 self._training = False
@@ -175,10 +174,18 @@ class Actor:
         raise ReplicaStateLost(f"the trainer is at version {v}, this step expects {expect_version}: the step before "
                                "it failed, or this replica was restarted and lost the training state")
 
-    async def _export(self) -> "asyncio.Future[int]":
+    def _train_then_copy(self, batch: Any) -> tuple[dict, float, Optional[Any]]:
+        """The optimizer step, then the new weights copied out for the store in the same thread: one
+        hand-off between threads per step, not two (both lie on the synchronous critical path)."""
+        metrics = self.engine.train_step(batch, self.algorithm.loss)
+        end = time.time()
+        copied = self.engine.export_weights() if self.sender is None and self.store is not None else None
+        return metrics, end, copied
+
+    async def _export(self, payload: Optional[Any] = None) -> "asyncio.Future[int]":
         """Copy the new weights out of the model (under the step's turn, so the next step cannot
-        change them first) and start publishing them; returns the publication (its byte count).
-        Publications run in version order, each after the one before."""
+        change them first; ``payload``: copied already) and start publishing them; returns the
+        publication (its byte count). Publications run in version order, each after the one before."""
         from relaxrl.weights import publish_with_timeout
 
         if self.sender is not None:  # every rollout replica receives this version before we go on
@@ -186,7 +193,8 @@ class Actor:
             return _done(stats.bytes)
         if self.store is None:
             return _done(0)
-        payload = await asyncio.to_thread(self.engine.export_weights)
+        if payload is None:
+            payload = await asyncio.to_thread(self.engine.export_weights)
         previous = self._publishing
 
         async def publish() -> int:
