@@ -24,7 +24,7 @@ import numpy as np
 import ray
 
 from relaxrl.queue import QueueActor, StalenessQueue, group_name
-from relaxrl.sample import Sample
+from relaxrl.sample import Packed, Sample
 
 GROUP = 8
 GROUPS_PER_STEP = 8
@@ -34,10 +34,12 @@ STALENESS = 2
 def make_group(seq: int, tokens: int) -> list[Sample]:
     # The policy version a producer in step with the trainer would report: never staler than allowed.
     version = max(0, seq // GROUPS_PER_STEP - STALENESS)
+    # As the rollout builds them, a group's samples share their prompt and timings (there: a request's).
+    prompt, timings = list(range(16)), {"gen_start": 1.0, "gen_end": 2.0, "reward_start": 2.0, "reward_end": 3.0}
     return [
-        Sample(uid=f"{group_name(seq)}/{k}", group_id=group_name(seq), index=k, prompt_ids=list(range(16)),
+        Sample(uid=f"{group_name(seq)}/{k}", group_id=group_name(seq), index=k, prompt_ids=prompt,
                response_ids=[7] * tokens, loss_mask=[1] * tokens, behaviour_logprobs=[-0.5] * tokens,
-               policy_version=version, reward=1.0, response_text="x" * 8)
+               policy_version=version, reward=1.0, response_text="x" * 8, timings=timings)
         for k in range(GROUP)
     ]
 
@@ -57,7 +59,7 @@ class Producer:
             samples = [s for seq, _ in admitted for s in make_group(seq, self.tokens)]
             t0 = time.perf_counter()
             try:
-                await self.queue.put.remote(samples)
+                await self.queue.put.remote(Packed(samples))  # the wire form the roles send
             except ray.exceptions.RayTaskError:  # admitted just before close: the groups stay in flight
                 break
             latencies.append(time.perf_counter() - t0)
