@@ -299,6 +299,16 @@ async def train(roles: Roles, cfg: DictConfig, monitor: Monitor, stats: RunResul
             stats.checkpoint = await save_checkpoint(roles, cfg, stats, f"step_{step}")
 
 
+STAGE_INTERVALS = "stage_intervals.json"
+
+
+def write_stage_intervals(run_dir: str, intervals: dict[str, list[tuple[float, float]]]) -> None:
+    """Every stage's busy intervals (wall clock, s), for a timeline of the run: what each stage did
+    and the hand-offs between them (``bench/critical_path.py`` reads it)."""
+    with open(os.path.join(run_dir, STAGE_INTERVALS), "w") as f:
+        json.dump({k: sorted(v) for k, v in intervals.items()}, f)
+
+
 def log_trained(run_dir: str, step: int, version: int, trained: list) -> None:
     """Append one step's ordered (sample uid, policy version) pairs to the run's audit log."""
     with open(os.path.join(run_dir, checkpoint.TRAIN_LOG), "a") as f:
@@ -392,6 +402,7 @@ async def run(roles: Roles, cfg: DictConfig, env: Any, prompt_ids: Any, monitor:
         stats.checkpoint = await save_checkpoint(roles, cfg, stats, "final")
     stats.queue = await roles.queue.metrics.remote()
     stats.stage_intervals.update(await roles.queue.stage_intervals.remote())
+    write_stage_intervals(cfg.run_dir, stats.stage_intervals)
     stats.published = await roles.weights.info.remote()
     ledger = await roles.actor.ledger.remote()
     await roles.queue.check_accounting.remote(ledger["trained_count"])

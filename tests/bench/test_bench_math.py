@@ -44,3 +44,30 @@ def test_batch_reward_is_indexed_by_the_policy_that_generated_it():
 
 def test_mean_curves_stop_at_the_shortest():
     assert mean_curves([[1.0, 2.0, 3.0], [3.0, 4.0]]) == [2.0, 3.0]
+
+
+def test_critical_path_cuts_a_step_into_its_hops():
+    from critical_path import critical_path, hops_of_step
+
+    # Step 0 trains until t=1.00; the rollout loads 1.01-1.02, generates 1.02-1.10, the reward role
+    # scores 1.13-1.14 and step 1 trains 1.16-1.50. A second generation before step 0's end is ignored.
+    iv = {"train": [(0.5, 1.0), (1.16, 1.5)], "weights": [(0.1, 0.12), (1.01, 1.02)],
+          "gen": [(0.12, 0.3), (1.02, 1.10)], "reward": [(0.3, 0.31), (1.13, 1.14)]}
+    hops = hops_of_step(iv, 0)
+    expected = {"publish_to_rollout": 0.01, "load": 0.01, "generate": 0.08, "to_reward": 0.03, "reward": 0.01,
+                "to_trainer": 0.02, "train": 0.34}
+    assert hops == pytest.approx(expected)
+    assert sum(hops.values()) == pytest.approx(1.5 - 1.0)  # the hops tile the step
+    assert critical_path(iv, skip=0)["to_reward"] == [pytest.approx(30.0)]
+    with pytest.raises(ValueError, match="no 'weights' intervals"):
+        critical_path({**iv, "weights": []}, skip=0)
+
+
+def test_wire_format_batches_share_what_the_rollout_shares():
+    from wire_format import batch
+
+    shared, unshared = batch(2, 3, 4, 5, shared=True), batch(2, 3, 4, 5, shared=False)
+    assert shared == unshared  # the same values either way
+    assert shared[0].timings is shared[5].timings and shared[0].prompt_ids is shared[2].prompt_ids
+    assert shared[0].prompt_ids is not shared[3].prompt_ids  # another group
+    assert unshared[0].timings is not unshared[1].timings

@@ -42,3 +42,21 @@ def test_queue_scale_smoke(ray_local, capsys):
     v = last_line(out, "queue_scale")
     assert v["samples_per_s"] > 0 and v["p99_ms"] > 0 and v["producers"] == 4 and v["groups_per_request"] == 8
     assert re.search(r"tokens=64: [\d.]+ KiB per queued sample", out)
+
+
+def test_critical_path_smoke(ray_local, model_cache, capsys):
+    import critical_path
+
+    critical_path.main(["--smoke", "rollout.group_size=4", "rollout.groups_per_step=2", f"model.cache_dir={model_cache}"])
+    v = last_line(capsys.readouterr().out, "critical_path")
+    assert v["train_ms"] > 0 and v["generate_ms"] > 0 and v["handoff_ms"] > 0
+    assert v["step_ms"] >= v["train_ms"] + v["generate_ms"]
+
+
+def test_wire_format_smoke(capsys):
+    import wire_format
+
+    wire_format.main(["--smoke"])
+    v = last_line(capsys.readouterr().out, "wire_format")
+    assert v["samples"] == 32 and v["before_ms"] > 0 and v["now_ms"] > 0
+    assert v["bytes_ratio"] < 1.0  # shared timings and prompts are pickled once
