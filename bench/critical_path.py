@@ -23,6 +23,7 @@ one run, so compare hops with each other, not with another day's run.
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import os
 from statistics import median
@@ -38,10 +39,10 @@ HOPS = ("publish_to_rollout", "load", "generate", "to_reward", "reward", "to_tra
 
 def next_after(intervals: Sequence[Interval], t: float) -> Interval:
     """The first interval starting at or after ``t`` (intervals sorted by start)."""
-    for iv in intervals:
-        if iv[0] >= t - 1e-6:
-            return iv
-    raise ValueError(f"no interval starts after {t}")
+    i = bisect.bisect_left(intervals, (t - 1e-6,))
+    if i == len(intervals):
+        raise ValueError(f"no interval starts after {t}")
+    return intervals[i]
 
 
 def hops_of_step(iv: dict[str, list[Interval]], k: int) -> dict[str, float]:

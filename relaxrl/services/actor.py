@@ -179,8 +179,13 @@ class Actor:
         hand-off between threads per step, not two (both lie on the synchronous critical path)."""
         metrics = self.engine.train_step(batch, self.algorithm.loss)
         end = time.time()
-        copied = self.engine.export_weights() if self.sender is None and self.store is not None else None
+        copied = self.engine.export_weights() if self._publishes_to_store else None
         return metrics, end, copied
+
+    @property
+    def _publishes_to_store(self) -> bool:
+        """New weights go out through the weight store (else by broadcast, or not at all)."""
+        return self.sender is None and self.store is not None
 
     async def _export(self, payload: Optional[Any] = None) -> "asyncio.Future[int]":
         """Copy the new weights out of the model (under the step's turn, so the next step cannot
@@ -191,7 +196,7 @@ class Actor:
         if self.sender is not None:  # every rollout replica receives this version before we go on
             stats = await asyncio.to_thread(self.sender.send, self.engine.model, self.engine.version)
             return _done(stats.bytes)
-        if self.store is None:
+        if not self._publishes_to_store:
             return _done(0)
         if payload is None:
             payload = await asyncio.to_thread(self.engine.export_weights)
