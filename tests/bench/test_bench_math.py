@@ -5,6 +5,7 @@ import math
 import pytest
 from async_speedup import mean_curves, overlap_limit, reward_by_policy, sync_stage_times
 from common import steady_steps_per_s, window_mean
+from role_hops import path_floor
 
 
 def test_overlap_limit_is_sum_over_max_stage():
@@ -71,3 +72,8 @@ def test_wire_format_batches_share_what_the_rollout_shares():
     assert shared[0].timings is shared[5].timings and shared[0].prompt_ids is shared[2].prompt_ids
     assert shared[0].prompt_ids is not shared[3].prompt_ids  # another group
     assert unshared[0].timings is not unshared[1].timings
+
+
+def test_path_floor_counts_each_hop_of_a_synchronous_step():
+    # weights 5 + the store's notice 2 + rollout -> reward 7 + reward -> queue and queue -> trainer 2 x 4 = 22 ms.
+    assert path_floor({"empty_hop": 2.0, "actor_hop": 4.0, "serve_hop": 7.0, "weights_hop": 5.0}) == pytest.approx(22.0)

@@ -60,3 +60,14 @@ def test_wire_format_smoke(capsys):
     v = last_line(capsys.readouterr().out, "wire_format")
     assert v["samples"] == 32 and v["before_ms"] > 0 and v["now_ms"] > 0
     assert v["bytes_ratio"] < 1.0  # shared timings and prompts are pickled once
+
+
+def test_role_hops_smoke(ray_local, capsys):
+    import role_hops
+
+    role_hops.main(["--smoke"])
+    out = capsys.readouterr().out
+    v = last_line(out, "role_hops")
+    assert all(v[f"{h}_ms"] > 0 for h in role_hops.HOPS) and v["samples"] == 32
+    assert v["path_floor_ms"] == pytest.approx(role_hops.path_floor({h: v[f"{h}_ms"] for h in role_hops.HOPS}), abs=0.2)
+    assert "layout=one_loop:" in out and v["one_loop_serve_ratio"] > 0
