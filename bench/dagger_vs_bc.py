@@ -2,6 +2,7 @@
 
     python bench/dagger_vs_bc.py                     # guess-the-number env, 600 labels each
     python bench/dagger_vs_bc.py --env calculator --steps 240 --steps-per-iter 8 --labels 800 --decay-iters 20
+    python bench/dagger_vs_bc.py --smoke             # seconds; what the test suite runs
 
 All three start from the same randomly initialised tiny Qwen2 (CPU, fixed seeds) and take the
 same number of optimizer steps on the same number of training episodes per collection:
@@ -97,7 +98,7 @@ def plot(results: dict, a: argparse.Namespace, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--env", choices=sorted(ENVS), default="guess")
     p.add_argument("--labels", type=int, default=600, help="teacher-label budget of DAgger and BC")
@@ -117,7 +118,12 @@ def main() -> None:
     p.add_argument("--plot", default=None, help="where the plot goes (default: docs/dagger_success_vs_labels.png, with _<env> before .png for an env other than guess); '' for none")
     p.add_argument("--json", default="", help="also write the results here")
     p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/relaxrl/models"))
-    a = p.parse_args()
+    p.add_argument("--smoke", action="store_true", help="a few steps of each method in this process, no plot")
+    a = p.parse_args(argv)
+    if a.smoke:
+        a.steps, a.labels, a.episodes_per_iter, a.steps_per_iter, a.decay_iters = 4, 24, 4, 2, 2
+        a.batch_size, a.grpo_group, a.eval_episodes, a.eval_every, a.workers = 8, 4, 4, 1, 1
+        a.plot = a.plot or ""
     if a.plot is None:  # one plot per env: the calculator run must not overwrite the guess one
         a.plot = "docs/dagger_success_vs_labels" + ("" if a.env == "guess" else f"_{a.env}") + ".png"
     logging.basicConfig(level=logging.WARNING)
@@ -130,9 +136,12 @@ def main() -> None:
                                        warm_start={}, key_extra={"purpose": "dagger_bench"})
     methods = a.methods.split(",")
     t0 = time.time()
-    with ProcessPoolExecutor(max_workers=a.workers) as pool:
-        futures = {m: pool.submit(run_method, m, a, model_dir) for m in methods}
-        results = {m: f.result() for m, f in futures.items()}
+    if a.workers <= 1:  # in this process (the smoke test's)
+        results = {m: run_method(m, a, model_dir) for m in methods}
+    else:
+        with ProcessPoolExecutor(max_workers=a.workers) as pool:
+            futures = {m: pool.submit(run_method, m, a, model_dir) for m in methods}
+            results = {m: f.result() for m, f in futures.items()}
     print(f"{'method':8} {'labels':>7} {'episodes':>8} {'success':>8} {'greedy':>7} {'cpu_s':>7}")
     for m, r in results.items():
         f = r["final"]

@@ -71,3 +71,14 @@ def test_role_hops_smoke(ray_local, capsys):
     assert all(v[f"{h}_ms"] > 0 for h in role_hops.HOPS) and v["samples"] == 32
     assert v["path_floor_ms"] == pytest.approx(role_hops.path_floor({h: v[f"{h}_ms"] for h in role_hops.HOPS}), abs=0.2)
     assert "layout=one_loop:" in out and v["one_loop_serve_ratio"] > 0
+
+
+def test_dagger_vs_bc_smoke(model_cache, capsys):
+    import dagger_vs_bc
+
+    dagger_vs_bc.main(["--smoke", "--cache-dir", str(model_cache)])
+    out = capsys.readouterr().out
+    v = last_line(out, "dagger_vs_bc")
+    assert all(0.0 <= v[f"{m}_success"] <= 1.0 for m in ("dagger", "bc", "grpo"))
+    assert 0 < v["labels"] <= 24  # the smoke run's label budget
+    assert "curve dagger:" in out and "curve grpo:" in out
