@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from ray import serve
 
 from relaxrl import launch
+from relaxrl.sample import Packed
 from relaxrl.weights import WeightStore, store_name
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ def run_episodic_experiment(cfg: DictConfig) -> dict:
                                with_teacher=acfg.teacher != "none")
 
     async def train(samples):
-        return await roles.actor.train_step.remote([ray.put(samples)])
+        return await roles.actor.train_step.remote([ray.put(Packed(samples))])  # pickled by column, as the roles send
 
     async def evaluate(seeds):
         out = {}
