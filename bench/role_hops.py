@@ -136,9 +136,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"role_hops: {hop_fields(ours)} one_loop_serve_ratio={other['serve_hop'] / ours['serve_hop']:.3f} "
               f"one_loop_actor_ratio={other['actor_hop'] / ours['actor_hop']:.3f} samples={args.samples}")
     finally:
-        for name in LAYOUTS:
-            for app in (f"caller-{name}", f"callee-{name}"):
-                serve.delete(app)
+        apps = [f"{role}-{name}" for name in LAYOUTS for role in ("caller", "callee")]
+        for app in apps:  # the controller deletes them together: wait for the last one only
+            serve.delete(app, _blocking=app == apps[-1])
         ray.kill(sink)
         if started:
             ray.shutdown()
