@@ -49,6 +49,11 @@ def path_floor(ms: dict[str, float]) -> float:
     return ms["weights_hop"] + ms["empty_hop"] + ms["serve_hop"] + 2 * ms["actor_hop"]
 
 
+def app_names(layout: str) -> tuple[str, str]:
+    """The Serve applications of one layout: its caller and its callee."""
+    return f"caller-{layout}", f"callee-{layout}"
+
+
 def hop_fields(ms: dict[str, float]) -> str:
     return " ".join(f"{h}_ms={v:.2f}" for h, v in ms.items()) + f" path_floor_ms={path_floor(ms):.1f}"
 
@@ -101,11 +106,12 @@ def deploy(samples: int, payload_mb: float) -> dict:
     for name, env in LAYOUTS.items():
         opts = {"ray_actor_options": {"num_cpus": 0, "runtime_env": {"env_vars": env}},
                 "graceful_shutdown_wait_loop_s": 0.1, "graceful_shutdown_timeout_s": 1.0}  # nothing to drain
-        targets += [serve.RunTarget(Callee.options(**opts).bind(), name=f"callee-{name}", route_prefix=None),
-                    serve.RunTarget(Caller.options(**opts).bind(f"callee-{name}", made, payload_mb),
-                                    name=f"caller-{name}", route_prefix=None)]
-    handles = serve.run_many(targets)
-    return {name: handles[2 * i + 1] for i, name in enumerate(LAYOUTS)}
+        caller, callee = app_names(name)
+        targets += [serve.RunTarget(Callee.options(**opts).bind(), name=callee, route_prefix=None),
+                    serve.RunTarget(Caller.options(**opts).bind(callee, made, payload_mb), name=caller,
+                                    route_prefix=None)]
+    handles = dict(zip((t.name for t in targets), serve.run_many(targets)))
+    return {name: handles[app_names(name)[0]] for name in LAYOUTS}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -136,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"role_hops: {hop_fields(ours)} one_loop_serve_ratio={other['serve_hop'] / ours['serve_hop']:.3f} "
               f"one_loop_actor_ratio={other['actor_hop'] / ours['actor_hop']:.3f} samples={args.samples}")
     finally:
-        apps = [f"{role}-{name}" for name in LAYOUTS for role in ("caller", "callee")]
+        apps = [app for name in LAYOUTS for app in app_names(name)]
         for app in apps:  # the controller deletes them together: wait for the last one only
             serve.delete(app, _blocking=app == apps[-1])
         ray.kill(sink)
