@@ -30,7 +30,7 @@ from relaxrl import checkpoint
 from relaxrl.envs.base import Task
 from relaxrl.faults import ReplicaStateLost, fault_reason, is_retryable
 from relaxrl.launch import Roles
-from relaxrl.metrics import first_last_mean, overlap_length, total_length
+from relaxrl.metrics import clip_intervals, first_last_mean, overlap_length, total_length
 from relaxrl.monitor import Monitor
 from relaxrl.queue import BatchRequest, QueueError, group_name
 from relaxrl.groups import GroupRequest, groups_per_request
@@ -70,6 +70,7 @@ class TaskStream:
 @dataclass
 class RunResult:
     steps: int = 0
+    t0: float = 0.0  # wall clock when the loops started; the run's window is [t0, t0 + wall_s]
     wall_s: float = 0.0
     rewards: list[float] = field(default_factory=list)
     # Busy intervals (wall clock) per stage: gen, weights (rollout load), reward, teacher, train, publish.
@@ -85,7 +86,9 @@ class RunResult:
 
     def summary(self) -> dict:
         first, last = first_last_mean(self.rewards)
-        gen_iv, train_iv = self.stage_intervals.get("gen", []), self.stage_intervals.get("train", [])
+        # Generation still running when the run ends (or before it starts) is outside its wall time.
+        gen_iv, train_iv = (clip_intervals(self.stage_intervals.get(k, []), self.t0, self.t0 + self.wall_s)
+                            for k in ("gen", "train"))
         gen, train = total_length(gen_iv), total_length(train_iv)
         both = overlap_length(gen_iv, train_iv)
         wall = max(self.wall_s, 1e-9)
@@ -387,7 +390,7 @@ async def run(roles: Roles, cfg: DictConfig, env: Any, prompt_ids: Any, monitor:
     inflight = r.max_inflight_groups or r.groups_per_step * (r.max_staleness + 1 + r.admit_ahead_steps)
     per_request = groups_per_request(r.groups_per_request, r.batch_max_groups, r.groups_per_step, r.num_replicas)
     clock = VersionClock(stats.start_version)
-    t0 = time.time()
+    t0 = stats.t0 = time.time()
     producers = [asyncio.create_task(produce(roles, tasks, cfg, prompt_ids, stats, max_prompt_tokens, per_request,
                                              clock))
                  for _ in range(-(-inflight // per_request))]

@@ -20,6 +20,12 @@ def merge_intervals(intervals: Iterable[Interval]) -> list[Interval]:
     return [(a, b) for a, b in merged]
 
 
+def clip_intervals(intervals: Iterable[Interval], lo: float, hi: float) -> list[Interval]:
+    """``intervals`` cut to the window ``[lo, hi]`` (parts outside dropped): busy fractions of a run
+    count only what lies inside its wall time, so they cannot exceed 1."""
+    return [(max(a, lo), min(b, hi)) for a, b in intervals if min(b, hi) > max(a, lo)]
+
+
 def total_length(intervals: Iterable[Interval]) -> float:
     return sum(b - a for a, b in merge_intervals(intervals))
 
