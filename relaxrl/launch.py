@@ -46,6 +46,9 @@ def init_ray(cfg: DictConfig) -> None:
     serve.start(proxy_location=cfg.ray.serve_proxy,
                 http_options={"host": cfg.ray.host, "port": cfg.ray.http_port},
                 logging_config={"log_level": "WARNING"})
+    # In this process too (serve.start sets it up at INFO): "Application ... is ready" per role,
+    # "Deleting app" per role; the driver prints its own start-up phases instead.
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
 
 
 def reserved_cpus(cfg: DictConfig) -> list[int]:
@@ -164,6 +167,16 @@ class Roles:
 
 def queue_name(run_id: str) -> str:
     return f"relaxrl-queue-{run_id}"
+
+
+def describe_roles(cfg: DictConfig, required_fields: tuple[str, ...]) -> str:
+    """The roles a run starts, for the console: e.g. "rollout x1 (hf), reward x1, actor (torch)"."""
+    r, tr = cfg.rollout, cfg.trainer
+    parts = [f"rollout x{r.num_replicas} ({r.engine})", f"reward x{cfg.reward.num_replicas}",
+             f"actor ({tr.engine}" + (f", {tr.num_ranks} ranks)" if tr.num_ranks > 1 else ")")]
+    if needs_teacher(cfg, required_fields):
+        parts.append(f"teacher x{cfg.teacher.num_replicas}")
+    return ", ".join(parts)
 
 
 def needs_teacher(cfg: DictConfig, required_fields: tuple[str, ...]) -> bool:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any, Optional
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
@@ -15,6 +17,16 @@ log = logging.getLogger(__name__)
 _BAR_KEYS = {"reward_mean": "reward", "staleness_mean": "stale", "samples_per_s": "samp/s"}
 # extrapolated_opd's schedule and the structured-output env's parse validity, when present
 _BAR_KEYS.update({"algo/lambda": "λ", "algo/lambda_star": "λ*", "algo/p": "p", "algo/b": "b", "info/valid": "valid"})
+
+
+@contextmanager
+def phase(name: str) -> Iterator[None]:
+    """One start-up (or wind-down) phase on the console: its name when it starts, its time when done,
+    so the seconds before step 1 say what they are spent on."""
+    start = time.perf_counter()
+    log.info("%s ...", name)
+    yield
+    log.info("%s: done in %.1f s", name, time.perf_counter() - start)
 
 
 class Monitor:

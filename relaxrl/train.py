@@ -35,7 +35,7 @@ def run_experiment(cfg: DictConfig, on_step=None) -> dict:
     from relaxrl.models.loading import load_tokenizer
     from relaxrl.config import Config
     from relaxrl.config_check import check_known_keys
-    from relaxrl.monitor import Monitor
+    from relaxrl.monitor import Monitor, phase
     from relaxrl.services.common import check_cpus, keep_off_cpus, restore_cpus
 
     check_known_keys(cfg, Config)  # a key added with '+' that nothing reads is an error, not a no-op
@@ -53,8 +53,10 @@ def run_experiment(cfg: DictConfig, on_step=None) -> dict:
     check_cpus(cfg.trainer.cpus)
     algorithm = make_algorithm(launch.plain(cfg.algorithm))  # validates the algorithm config early
     env = make_env(**launch.plain(cfg.env))
-    launch.init_ray(cfg)
-    model_dir = launch.prepare_model_dir(cfg)
+    with phase("starting Ray" if cfg.ray.address is None else f"joining Ray at {cfg.ray.address}"):
+        launch.init_ray(cfg)
+    with phase("preparing the model directory"):
+        model_dir = launch.prepare_model_dir(cfg)
     arch = checkpoint.arch(model_dir)
     if resume:  # a checkpoint of another architecture fails before any replica starts
         checkpoint.check_compatible(checkpoint.load_meta(resume), resume, arch, bool(m.lora.enabled),
@@ -63,7 +65,9 @@ def run_experiment(cfg: DictConfig, on_step=None) -> dict:
     context = arch.get("max_position_embeddings") or getattr(tokenizer, "model_max_length", None)
     max_prompt_tokens = context - cfg.rollout.max_new_tokens if context and context < 10**8 else None
     log.info("model %s; run dir %s", model_dir, run_dir)
-    roles = launch.start_roles(cfg, model_dir, tuple(algorithm.required_fields))
+    with phase(f"starting the roles ({launch.describe_roles(cfg, tuple(algorithm.required_fields))}) "
+               "and loading their models"):
+        roles = launch.start_roles(cfg, model_dir, tuple(algorithm.required_fields))
     monitor = Monitor(cfg, run_dir, cfg.trainer.steps)
     summary = None
     affinity = keep_off_cpus(launch.reserved_cpus(cfg))  # the driver too keeps off them, for this run
@@ -86,12 +90,17 @@ def run_experiment(cfg: DictConfig, on_step=None) -> dict:
         f"stage_ms_per_step={ {k: round(v * 1000, 1) for k, v in summary['stage_s_per_step'].items()} }"
     )
     print(summary_line(summary), flush=True)
+    print(f"relaxrl: run directory {run_dir}" + (f"; final model {summary['checkpoint']}/model"
+                                                  if summary.get("checkpoint") else ""), flush=True)
     return summary
 
 
 @hydra.main(version_base=None, config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from relaxrl.services.common import quiet_progress_bars
+
+    quiet_progress_bars()  # the console shows start-up phases and one progress bar, not per-file bars
     if cfg.pipeline.stages:  # a stage pipeline (e.g. +experiment=mopd_toy): stages run in order
         from relaxrl.pipeline.runner import run_pipeline
 

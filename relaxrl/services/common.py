@@ -14,8 +14,17 @@ log = logging.getLogger(__name__)
 
 
 def quiet_replica_logs() -> None:
-    """Serve logs every request at INFO; RL sends thousands. Keep warnings and errors."""
+    """Serve logs every request at INFO; RL sends thousands. Keep warnings and errors, and drop the
+    per-replica "Loading weights" / "Writing model shards" bars: the driver prints start-up phases."""
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    quiet_progress_bars()
+
+
+def quiet_progress_bars() -> None:
+    """transformers' own tqdm bars (model loading and saving) off in this process."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def set_threads(n: Optional[int]) -> None:
