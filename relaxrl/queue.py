@@ -42,6 +42,12 @@ class _Group:
     need: int = 0  # the weight version its generation must wait for
     samples: dict[int, Sample] = field(default_factory=dict)
     complete: bool = False
+    delivered: int = 0  # samples put into it: more than it holds means one can never complete
+
+    def stuck(self, group_size: int) -> bool:
+        """True if this group can never be trained: a put counted more samples than it holds, or it
+        is full and neither ready nor dropped."""
+        return self.delivered != len(self.samples) or (len(self.samples) == group_size and not self.complete)
 
     def min_version(self) -> int:
         return min(s.policy_version for s in self.samples.values())
@@ -54,6 +60,16 @@ class BatchRequest:
     num_groups: int
     timeout_s: Optional[float] = None
     train_version: Optional[int] = None
+
+
+@dataclass
+class TrainBatch:
+    """A step's batch as the trainer gets it (``QueueActor.get_train_batch``): the samples, and the
+    queue's ``closed_below`` right after they were taken, so the trainer's record of what it trained
+    can forget every group below it (``relaxrl.ledger``)."""
+
+    samples: Sequence[Sample]  # sent as ``Packed``: the trainer receives the plain list
+    closed_below: int
 
 
 class QueueError(RuntimeError):
@@ -83,7 +99,6 @@ class StalenessQueue:
         self.version = 0
         self._groups: "OrderedDict[str, _Group]" = OrderedDict()  # admitted, not yet consumed/dropped
         self._ahead: Counter[int] = Counter()  # groups admitted (net of drops) needing a version > self.version
-        self._seen_uids: set[str] = set()
         self.admitted = 0  # groups
         self.consumed_groups = 0
         self.consumed_samples = 0
@@ -95,6 +110,7 @@ class StalenessQueue:
         # Per-stage sample counts (see check_accounting) and role calls retried after a fault.
         self.generated = 0
         self.rewarded = 0
+        self.dropped_generated = 0  # generated samples of groups dropped since (generated = these + trained + held)
         self.retried: Counter[str] = Counter()
         self.redelivered = 0  # samples a retried request put again, ignored (see put)
         # Groups in flight when a checkpoint was taken: re-issued first after a resume, same seq.
@@ -160,21 +176,12 @@ class StalenessQueue:
         delivered, or closed since, are ignored and counted (``redelivered``): never queued twice."""
         if attempt > 0:
             samples = self._not_yet_delivered(samples)
-        seen: set[str] = set()
-        for s in samples:
-            group = self._groups.get(s.group_id)
-            if group is None:
-                raise QueueError(f"sample {s.uid}: group {s.group_id!r} was not admitted or is closed")
-            if s.uid in self._seen_uids or s.uid in seen or s.index in group.samples:
-                raise QueueError(f"sample {s.uid} was put twice")
-            if not 0 <= s.index < self.group_size:
-                raise QueueError(f"sample {s.uid}: index {s.index} outside group of {self.group_size}")
-            seen.add(s.uid)
+        self._check_put(samples)
         noted = None
         for s in samples:
             group = self._groups[s.group_id]
-            self._seen_uids.add(s.uid)
             group.samples[s.index] = s
+            group.delivered += 1
             self.generated += 1
             self.rewarded += s.reward is not None
             if s.timings is not noted:  # a request's samples share one dict
@@ -183,6 +190,22 @@ class StalenessQueue:
         for gid in {s.group_id for s in samples}:
             self._maybe_complete(gid)
         return len(samples)
+
+    def _check_put(self, samples: Sequence[Sample]) -> None:
+        """Raise ``QueueError`` naming every sample of a put that cannot be added. A uid is
+        ``<group_id>/<index>`` and a group takes each index once, so "its group is open and that
+        index is still empty" is the whole exactly-once check: no set of seen uids to keep."""
+        bad = [f"{s.uid}: uid is not {s.group_id}/{s.index}" for s in samples if s.uid != f"{s.group_id}/{s.index}"]
+        bad += [f"{s.uid}: group {s.group_id!r} was not admitted or is closed" for s in samples
+                if s.group_id not in self._groups]
+        bad += [f"{s.uid}: index {s.index} outside group of {self.group_size}" for s in samples
+                if not 0 <= s.index < self.group_size]
+        if bad:
+            raise QueueError("put refused: " + "; ".join(bad))
+        keys = Counter((s.group_id, s.index) for s in samples)
+        twice = sorted(f"{g}/{i}" for (g, i), n in keys.items() if n > 1 or i in self._groups[g].samples)
+        if twice:
+            raise QueueError(f"put refused: samples put twice: {twice}")
 
     def _not_yet_delivered(self, samples: Sequence[Sample]) -> list[Sample]:
         fresh = [s for s in samples if s.group_id in self._groups and not self._groups[s.group_id].samples]
@@ -200,6 +223,7 @@ class StalenessQueue:
         if group_id in self._groups and not self._groups[group_id].samples:
             self.generated += generated
             self.rewarded += rewarded
+            self.dropped_generated += generated
             self._drop(group_id, reason)
 
     def note_retry(self, reason: str) -> None:
@@ -227,6 +251,7 @@ class StalenessQueue:
     def _drop(self, gid: str, reason: str) -> None:
         group = self._groups.pop(gid)
         self.dropped_groups += 1
+        self.dropped_generated += len(group.samples)
         if group.need > self.version:  # its slot goes back to its own level
             self._ahead[group.need] -= 1
         # Samples never generated still count: the group was admitted for group_size of them.
@@ -282,6 +307,11 @@ class StalenessQueue:
     def in_flight_groups(self) -> int:
         return len(self._groups) + len(self._redo)
 
+    def closed_below(self) -> int:
+        """Every group with a lower sequence number is closed (trained or dropped) and can never be
+        handed out again: the trainer's record of what it trained needs nothing below it."""
+        return min([g.seq for g in self._groups.values()] + list(self._redo), default=self.admitted)
+
     def metrics(self) -> dict:
         ready = [g for g in self._groups.values() if g.complete]
         return {
@@ -323,6 +353,13 @@ class StalenessQueue:
         samples = m["trained_samples"] + m["dropped_samples"] + m["in_flight_samples"]
         if m["admitted_samples"] != samples or self.consumed_samples != self.consumed_groups * self.group_size:
             raise QueueError(f"accounting broken: admitted {m['admitted_samples']} samples != {samples}")
+        held = sum(len(g.samples) for g in self._groups.values())
+        stuck = [gid for gid, g in self._groups.items() if g.stuck(self.group_size)]
+        if stuck or self.generated != self.consumed_samples + self.dropped_generated + held:
+            raise QueueError(
+                f"accounting broken: generated {self.generated} samples != trained {self.consumed_samples} + "
+                f"dropped {self.dropped_generated} + held {held}; groups that can never complete: {stuck}"
+            )
         stages = [m[k] for k in ("admitted_samples", "generated_samples", "trained_samples")]
         if stages != sorted(stages, reverse=True) or m["rewarded_samples"] > m["generated_samples"]:
             raise QueueError(
@@ -376,6 +413,7 @@ class StalenessQueue:
         self.dropped = Counter(snap["dropped"])
         self.staleness_hist = Counter({int(k): v for k, v in snap["staleness_hist"].items()})
         self.generated, self.rewarded = int(snap["generated"]), int(snap["rewarded"])
+        self.dropped_generated = self.generated - self.consumed_samples  # no group holds samples yet
         self.retried = Counter(snap["retried"])
         self.redelivered = int(snap.get("redelivered", 0))  # absent from checkpoints before it was counted
         self._redo = deque(int(x) for x in snap["in_flight"])
@@ -396,7 +434,9 @@ class QueueActor:
     """
 
     def __init__(self, **kwargs) -> None:
+        self._kwargs = kwargs
         self.q = StalenessQueue(**kwargs)
+        self._epoch = 0  # bumped by reset(): a batch request of the lost trainer is answered None, never served
         self._capacity = asyncio.Condition()  # producers waiting for admission
         self._ready = asyncio.Condition()  # the trainer waiting for a batch
         self._served_next = 0  # batch requests are served in train-version order: this one's turn is next
@@ -451,12 +491,24 @@ class QueueActor:
         Requests are served in train-version order, whatever order they arrive in (Ray does not
         order an async actor's calls): a request one step ahead must neither take, nor drop as
         stale, the groups the one before it waits for."""
+        batch = await self._serve(num_groups, timeout_s, train_version)
+        return None if batch is None else Packed(batch)
+
+    async def get_train_batch(self, num_groups: int, timeout_s: Optional[float] = None,
+                              train_version: Optional[int] = None) -> Optional[TrainBatch]:
+        """``get_batch``, with the queue's ``closed_below`` after the take (what the trainer asks)."""
+        batch = await self._serve(num_groups, timeout_s, train_version)
+        return None if batch is None else TrainBatch(Packed(batch), self.q.closed_below())
+
+    async def _serve(self, num_groups: int, timeout_s: Optional[float],
+                     train_version: Optional[int]) -> Optional[list[Sample]]:
         batch: Optional[list[Sample]] = None
         version = self.q.version if train_version is None else train_version
+        epoch = self._epoch
 
         def ready() -> bool:
             nonlocal batch
-            if self._closed:
+            if self._closed or self._epoch != epoch:
                 return True
             if version > max(self.q.version, self._served_next):  # the step before is not served yet
                 return False
@@ -474,7 +526,7 @@ class QueueActor:
                     self._ready.notify_all()  # the next version's request may go now
 
         await asyncio.wait_for(served(), timeout_s)
-        return None if batch is None else Packed(batch)
+        return batch
 
     async def set_version(self, version: int) -> None:
         self.q.set_version(version)
@@ -500,4 +552,15 @@ class QueueActor:
 
     async def restore(self, snap: dict) -> None:
         self.q.restore(snap)
+        await self._wake(self._capacity)
+
+    async def reset(self, snap: dict) -> None:
+        """Start over from a checkpoint's ``snapshot()`` in the same run (the trainer was lost and
+        restored): a fresh queue restored from it, open again. Call it once every producer has
+        stopped; batch requests still waiting (the lost trainer's) are answered None."""
+        fresh = StalenessQueue(**self._kwargs)
+        fresh.restore(snap)
+        fresh.stage_intervals = self.q.stage_intervals  # the run's timeline goes on
+        self.q, self._epoch, self._served_next, self._closed = fresh, self._epoch + 1, 0, False
+        await self._wake(self._ready)
         await self._wake(self._capacity)

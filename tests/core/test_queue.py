@@ -406,3 +406,87 @@ def test_abandoning_a_delivered_group_keeps_it():
     q.abandon(group_name(g1), "error_RayActorError")
     assert q.metrics()["dropped_by_reason"] == {"error_RayActorError": 1} and q.ready_groups() == 1
     q.check_accounting()
+
+
+def test_a_duplicate_index_in_one_put_is_refused_by_name():
+    """Two samples with index 0 in one put used to be taken as two: the group held one sample,
+    counted two generated, never completed and kept its admission slot for ever."""
+    q = StalenessQueue(groups_per_step=1, group_size=2, max_staleness=0, required_fields=FIELDS)
+    g0 = q.admit()
+    first = make_group(g0, 2, 0)[0]
+    with pytest.raises(QueueError, match=r"put twice: \['g0/0'\]"):
+        q.put([first, first.replace(uid="g0/0")])
+    with pytest.raises(QueueError, match="g0/x: uid is not g0/0"):
+        q.put([first, first.replace(uid="g0/x")])  # a uid is its group and index, nothing else
+    assert q.metrics()["generated_samples"] == 0  # nothing of a refused put was added
+    q.put(make_group(g0, 2, 0))
+    assert q.ready_groups() == 1 and len(q.take(1)) == 2
+    q.check_accounting(trained_by_actor=2)
+
+
+def test_the_accounting_check_sees_a_group_that_can_never_complete():
+    q = StalenessQueue(groups_per_step=1, group_size=2, max_staleness=0, required_fields=FIELDS)
+    q.admit()
+    q.put(make_group(0, 2, 0)[:1])
+    q.check_accounting()
+    q.generated += 1  # counted as put, held nowhere: what the duplicate index above used to do
+    with pytest.raises(QueueError, match=r"generated 2 samples != trained 0 \+ dropped 0 \+ held 1"):
+        q.check_accounting()
+    q.generated -= 1
+    q._groups["g0"].delivered += 1  # the same, seen group by group
+    with pytest.raises(QueueError, match=r"never complete: \['g0'\]"):
+        q.check_accounting()
+
+
+def test_the_queue_keeps_no_per_sample_state_for_closed_groups():
+    """Exactly-once needs only the open groups (a uid is its group and index): the queue's state
+    does not grow with the run (it kept every uid ever put)."""
+    import pickle
+
+    q = StalenessQueue(groups_per_step=2, group_size=4, max_staleness=1, required_fields=FIELDS)
+    sizes = {}
+    for step in range(1, 501):
+        while q.can_admit():
+            seq = q.admit()
+            q.put(make_group(seq, 4, q.version))
+        assert len(q.take(2)) == 8
+        q.set_version(step)
+        if step in (50, 500):
+            sizes[step] = len(pickle.dumps(q.__dict__))
+    assert sizes[500] - sizes[50] < 200, sizes  # counters grew a few digits; 3,600 more uids would be ~40 KB
+    q.check_accounting(trained_by_actor=500 * 8)
+
+
+def test_closed_below_is_the_oldest_open_group():
+    q = StalenessQueue(groups_per_step=1, group_size=1, max_staleness=2, required_fields=FIELDS)
+    assert q.closed_below() == 0
+    g0, g1, g2 = q.admit(), q.admit(), q.admit()
+    q.put(make_group(g1, 1, 0))
+    assert q.closed_below() == 0 and [s.uid for s in q.take(1)] == ["g1/0"]
+    assert q.closed_below() == 0  # g0 is still open
+    q.abandon(group_name(g0), "error_timeout")
+    assert q.closed_below() == g2
+    q.abandon(group_name(g2), "error_timeout")
+    assert q.closed_below() == 3  # nothing open: everything admitted is closed
+
+
+def test_reset_restores_a_checkpoint_in_the_same_queue_and_answers_the_lost_trainers_request():
+    import pickle
+
+    async def main():
+        actor = QueueActor(groups_per_step=1, group_size=2, max_staleness=0, required_fields=FIELDS)
+        (seq, _), = await actor.admit_many(1)
+        snap = actor.snapshot()  # g0 in flight
+        await actor.put(make_group(seq, 2, 0))
+        lost = asyncio.ensure_future(actor.get_train_batch(2, 30.0))  # the lost trainer's request waits
+        await asyncio.sleep(0.01)
+        await actor.close()
+        await actor.reset(snap)
+        assert await lost is None  # answered, never served from the restored queue
+        assert await actor.admit_many(1) == [(0, 0)]  # g0 again: same task and seed
+        await actor.put(make_group(0, 2, 0))
+        batch = pickle.loads(pickle.dumps(await actor.get_train_batch(1, 30.0)))  # as Ray sends it
+        assert [s.uid for s in batch.samples] == ["g0/0", "g0/1"] and batch.closed_below == 1
+        actor.check_accounting(trained_by_actor=2)
+
+    asyncio.run(main())
