@@ -14,6 +14,11 @@ an episode row carries the student's version.
 
 Special cases of the same code: behaviour cloning is ``beta = 1`` throughout (teacher-only
 episodes); outcome-only GRPO is ``teacher = none, ce_weight = 0, grpo_weight = 1``.
+
+Temperatures: a label is a target, not a sample, so ``L_ce`` is taken at T=1, while the GRPO
+ratio compares with behaviour log-probs taken at the rollout's temperature. The trainer engine
+computes one temperature per step, so ``DAgger.logprob_temperature`` names it (and refuses the mix
+of both terms at a rollout temperature other than 1).
 """
 
 from __future__ import annotations
@@ -67,8 +72,8 @@ class DAggerConfig:
     grpo_weight: float = 0.0  # > 0: add the outcome-reward GRPO loss on the student's episode tokens
     clip_low: float = 0.2
     clip_high: float = 0.28
-    off_policy: str = "none"  # GRPO term: none (PPO ratio to the behaviour policy) | decoupled | truncated_is
-    is_cap: float = 2.0
+    off_policy: str = "none"  # GRPO term: none (PPO ratio to the behaviour policy) | decoupled
+    is_cap: float = 0.0  # decoupled: cap on the behaviour importance weight (truncated); 0 = uncapped
     episodes_per_iter: int = 16  # episodes collected per iteration (seeds * group_size)
     group_size: int = 1  # episodes per seed (the GRPO group)
     steps_per_iter: int = 4  # optimizer steps between collections
@@ -151,6 +156,19 @@ class DAgger:
 
     def __init__(self, config: DAggerConfig | None = None) -> None:
         self.config = config if config is not None else DAggerConfig()
+
+    def logprob_temperature(self, rollout_temperature: float) -> float:
+        """The temperature the trainer must take this loss's log-probs at: 1 for the cross-entropy
+        on teacher labels (a target's likelihood), the rollout's for the GRPO term alone (its ratio
+        is to behaviour log-probs sampled at that temperature; <= 0, greedy, means 1)."""
+        rollout_t = rollout_temperature if rollout_temperature > 0 else 1.0
+        cfg = self.config
+        if cfg.ce_weight > 0 and cfg.grpo_weight > 0 and rollout_t != 1.0:
+            raise ValueError(
+                f"algorithm=dagger with ce_weight={cfg.ce_weight} and grpo_weight={cfg.grpo_weight} needs "
+                f"rollout.temperature=1 (got {rollout_temperature}): its cross-entropy is taken at T=1 and its "
+                "GRPO ratio at the rollout temperature, and the trainer takes one temperature per step")
+        return 1.0 if cfg.ce_weight > 0 else rollout_t
 
     def prepare(self, batch: TensorBatch) -> TensorBatch:
         label_rows = (batch.policy_versions < 0).float()[:, None]

@@ -30,20 +30,22 @@ REQUEST_CHUNK = 8  # seeds per episode request: several requests let Serve sprea
 
 
 class EpisodicRoles:
-    def __init__(self, cfg: DictConfig, model_dir: str, algorithm_cfg: Any) -> None:
+    def __init__(self, cfg: DictConfig, model_dir: str, algorithm: Any) -> None:
         from relaxrl.services.actor import Actor
         from relaxrl.services.episode_rollout import EpisodeRollout
         from relaxrl.services.teacher import Teacher
 
         self.run_id = uuid.uuid4().hex[:8]
         ns, r, tr, t = cfg.ray.namespace, cfg.rollout, cfg.trainer, cfg.teacher
+        algorithm_cfg = algorithm.config
         self.store = ray.remote(WeightStore).options(name=store_name(self.run_id), namespace=ns, num_cpus=0).remote()
         apps = {}
         teacher_app = None
         if algorithm_cfg.teacher == "checkpoint":
             apps["teacher"] = Teacher.options(
                 num_replicas=t.num_replicas, ray_actor_options={"num_cpus": t.num_cpus, "num_gpus": t.num_gpus}
-            ).bind({"teacher": algorithm_cfg.teacher_checkpoint}, dtype=cfg.model.dtype, torch_threads=t.torch_threads)
+            ).bind({"teacher": algorithm_cfg.teacher_checkpoint}, temperature=r.temperature, dtype=cfg.model.dtype,
+                   torch_threads=t.torch_threads)
             teacher_app = f"teacher-{self.run_id}"
         apps["episodes"] = EpisodeRollout.options(
             num_replicas=r.num_replicas, ray_actor_options={"num_cpus": r.num_cpus, "num_gpus": r.num_gpus}
@@ -56,7 +58,8 @@ class EpisodicRoles:
             num_replicas=1, ray_actor_options={"num_cpus": tr.num_cpus, "num_gpus": tr.num_gpus}
         ).bind(
             model_dir, algorithm=launch.plain(cfg.algorithm), trainer=launch.plain(tr), lora=None,
-            dtype=cfg.model.dtype, temperature=r.temperature, seed=cfg.seed,
+            # The trainer's log-prob temperature is the loss's (T=1 for the CE on labels), not the rollout's.
+            dtype=cfg.model.dtype, temperature=algorithm.logprob_temperature(r.temperature), seed=cfg.seed,
             store_name=store_name(self.run_id), namespace=ns,
         )
         self.names = [f"{n}-{self.run_id}" for n in apps]
@@ -103,11 +106,13 @@ def run_episodic_experiment(cfg: DictConfig) -> dict:
     run_dir = os.path.abspath(cfg.run_dir)
     os.makedirs(run_dir, exist_ok=True)
     OmegaConf.save(cfg, os.path.join(run_dir, "resolved_config.yaml"), resolve=True)
-    acfg = make_algorithm(launch.plain(cfg.algorithm)).config
+    algorithm = make_algorithm(launch.plain(cfg.algorithm))
+    acfg = algorithm.config
+    algorithm.logprob_temperature(cfg.rollout.temperature)  # a temperature it cannot train at fails before Ray
     launch.init_ray(cfg)
     model_dir = launch.prepare_model_dir(cfg)
     tokenizer = load_tokenizer(model_dir)
-    roles = EpisodicRoles(cfg, model_dir, acfg)
+    roles = EpisodicRoles(cfg, model_dir, algorithm)
     monitor = Monitor(cfg, run_dir, cfg.trainer.steps)
     summary = None
     t0 = time.time()

@@ -33,10 +33,11 @@ class LocalEpisodes:
         self.cfg, self.env_cfg, self.seed = cfg, dict(env), seed
         self.tokenizer = load_tokenizer(model_dir)
         self.generator = HFGenerationEngine.from_pretrained(model_dir)
-        self.trainer = TorchTrainerEngine.from_pretrained(
-            model_dir, lr=lr, micro_batch_size=micro_batch_size, temperature=temperature, seed=seed,
-            max_grad_norm=max_grad_norm)
         self.algorithm = DAgger(cfg)
+        # The student samples at ``temperature``; the trainer scores at the loss's (T=1 for the CE on labels).
+        self.trainer = TorchTrainerEngine.from_pretrained(
+            model_dir, lr=lr, micro_batch_size=micro_batch_size,
+            temperature=self.algorithm.logprob_temperature(temperature), seed=seed, max_grad_norm=max_grad_norm)
         self.temperature = temperature
         self.teacher: Any = None
         if cfg.teacher == "expert":

@@ -4,6 +4,7 @@ One deployment serves every domain's teacher with Serve model multiplexing: a te
 lazily on first use (``@serve.multiplexed``, LRU-evicted beyond ``max_models`` per replica), and the
 driver sends each group with ``multiplexed_model_id=<domain>`` so Serve routes it to a replica that
 already holds that teacher. A request without a model id is split by the samples' domains.
+Log-probs are taken at the rollout's temperature, as by the ``Teacher`` role (``score_samples``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from ray import serve
 from relaxrl.sample import Sample
 from relaxrl.services.chain import Forwarder, Route
 from relaxrl.services.common import keep_off_cpus, quiet_replica_logs, set_threads
+from relaxrl.services.teacher import score_samples
 
 MAX_MODELS_PER_REPLICA = 8
 
@@ -24,7 +26,8 @@ MAX_MODELS_PER_REPLICA = 8
 @serve.deployment(max_ongoing_requests=64)
 class DomainTeacher:
     def __init__(self, checkpoints: dict[str, str], *, dtype: str = "float32", torch_threads: int = 1,
-                 top_k: int = 0, temperature: float = 1.0, avoid_cpus: Sequence[int] = ()) -> None:
+                 top_k: int = 0, temperature: float, avoid_cpus: Sequence[int] = ()) -> None:
+        """``temperature``: rollout.temperature, required so that no caller scores at T=1 by default."""
         if not checkpoints:
             raise ValueError("DomainTeacher needs at least one {domain: checkpoint} entry (teacher.domains)")
         quiet_replica_logs()
@@ -62,14 +65,10 @@ class DomainTeacher:
         out: list[Optional[Sample]] = [None] * len(samples)
         for domain, idx in by_domain.items():
             engine = await self.get_teacher(domain)
-            seqs = [samples[i].prompt_ids + samples[i].response_ids for i in idx]
-            lens = [len(samples[i].prompt_ids) for i in idx]
-            scored = await asyncio.to_thread(engine.score, seqs, lens, k, temperature=self.temperature)
-            for j, i in enumerate(idx):
-                extra = {}
-                if scored.topk_ids is not None:
-                    extra = {"teacher_topk_ids": scored.topk_ids[j], "teacher_topk_logprobs": scored.topk_logprobs[j]}
-                out[i] = samples[i].replace(teacher_logprobs=scored.logprobs[j], **extra)
+            scored = await asyncio.to_thread(score_samples, engine, [samples[i] for i in idx], "teacher_logprobs",
+                                             temperature=self.temperature, top_k=k)
+            for i, s in zip(idx, scored):
+                out[i] = s
         return await self.forwarder.forward(out, route)
 
     def stats(self) -> dict:

@@ -1,4 +1,9 @@
-"""Teacher role: scores the student's tokens under a named checkpoint (reference or teacher)."""
+"""Teacher role: scores the student's tokens under a named checkpoint (reference or teacher).
+
+Log-probs are taken at the rollout's temperature (``log_softmax(logits / T)``), the distribution
+the rollout sampled from and the trainer scores with, so a KL to the reference or a distillation
+advantage compares like with like (T <= 0, greedy, means 1, as in the engines).
+"""
 
 from __future__ import annotations
 
@@ -14,11 +19,30 @@ from relaxrl.services.common import keep_off_cpus, quiet_replica_logs, set_threa
 _FIELDS = ("ref_logprobs", "teacher_logprobs")
 
 
+def score_samples(engine: Any, samples: Sequence[Sample], field: str, *, temperature: float,
+                  top_k: int = 0) -> list[Sample]:
+    """``samples`` with ``field`` (and, for teacher log-probs, the top-k alternatives) filled in by
+    ``engine.score`` at ``temperature``: the one scoring step of both teacher roles."""
+    if field not in _FIELDS:
+        raise ValueError(f"teacher field must be one of {_FIELDS}, got {field!r}")
+    seqs = [s.prompt_ids + s.response_ids for s in samples]
+    lens = [len(s.prompt_ids) for s in samples]
+    scored = engine.score(seqs, lens, top_k, temperature=temperature)
+    out = []
+    for i, s in enumerate(samples):
+        extra = {}
+        if field == "teacher_logprobs" and scored.topk_ids is not None:
+            extra = {"teacher_topk_ids": scored.topk_ids[i], "teacher_topk_logprobs": scored.topk_logprobs[i]}
+        out.append(s.replace(**{field: scored.logprobs[i]}, **extra))
+    return out
+
+
 @serve.deployment(max_ongoing_requests=64)
 class Teacher:
-    def __init__(self, checkpoints: dict[str, str], *, dtype: str = "float32",
+    def __init__(self, checkpoints: dict[str, str], *, temperature: float, dtype: str = "float32",
                  torch_threads: int = 1, top_k: int = 0, hang_timeout_s: float = 600.0,
                  avoid_cpus: Sequence[int] = ()) -> None:
+        """``temperature``: rollout.temperature, required so that no caller scores at T=1 by default."""
         from relaxrl.faults import RequestWatch
 
         quiet_replica_logs()
@@ -29,6 +53,7 @@ class Teacher:
         self.dtype = dtype
         self.torch_threads = torch_threads
         self.top_k = top_k
+        self.temperature = temperature
         self._engines: dict[str, object] = {}  # loaded lazily, by checkpoint name
         self.forwarder = Forwarder()
 
@@ -50,16 +75,8 @@ class Teacher:
         if field not in _FIELDS:
             raise ValueError(f"teacher field must be one of {_FIELDS}, got {field!r}")
         k = self.top_k if top_k is None else top_k
-        engine = self._engine(name)
-        seqs = [s.prompt_ids + s.response_ids for s in samples]
-        lens = [len(s.prompt_ids) for s in samples]
-        scored = await asyncio.to_thread(self.watch.wrap(engine.score), seqs, lens, k)
-        out = []
-        for i, s in enumerate(samples):
-            extra = {}
-            if field == "teacher_logprobs" and scored.topk_ids is not None:
-                extra = {"teacher_topk_ids": scored.topk_ids[i], "teacher_topk_logprobs": scored.topk_logprobs[i]}
-            out.append(s.replace(**{field: scored.logprobs[i]}, **extra))
+        out = await asyncio.to_thread(self.watch.wrap(score_samples), self._engine(name), samples, field,
+                                      temperature=self.temperature, top_k=k)
         return await self.forwarder.forward(out, route)
 
     def check_health(self) -> None:
@@ -67,7 +84,8 @@ class Teacher:
 
     async def act(self, state_ids: list[int], max_new_tokens: int, name: str = "teacher",
                   temperature: float = 0.0):
-        """The checkpoint's action for one state (greedy by default), for episode teachers."""
+        """The checkpoint's action for one state (greedy by default), for episode teachers: a label,
+        a target token sequence, so its own log-probs are not used (see DAgger's CE at T=1)."""
         from relaxrl.engines.base import SamplingParams
 
         params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens)

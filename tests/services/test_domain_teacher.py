@@ -1,4 +1,5 @@
-"""The domain teacher scores every sample with the teacher of the sample's own domain (real Serve)."""
+"""The domain teacher scores every sample with the teacher of the sample's own domain (real Serve),
+at the rollout's temperature."""
 
 import pytest
 import ray
@@ -10,6 +11,7 @@ from relaxrl.sample import Sample
 from relaxrl.services.domain_teacher import DomainTeacher
 
 pytestmark = pytest.mark.ray
+T = 0.7  # rollout.temperature: what launch gives the role
 
 
 @pytest.fixture(scope="module")
@@ -33,16 +35,17 @@ def samples_for(domains):
 
 def test_each_sample_is_scored_by_its_own_domains_teacher(ray_local, teacher_dirs):
     direct = {d: HFGenerationEngine.from_pretrained(p) for d, p in teacher_dirs.items()}
-    app = DomainTeacher.options(ray_actor_options={"num_cpus": 0}).bind(teacher_dirs)
+    app = DomainTeacher.options(ray_actor_options={"num_cpus": 0}).bind(teacher_dirs, temperature=T)
     handle = serve.run(app, name="domain-teacher-test", route_prefix=None)
     try:
         domains = ["add", "sub", "sub", "add"]
         samples = samples_for(domains)
         scored = handle.score.remote(samples).result()  # no model id: split by the samples' domains
         for s, out in zip(samples, scored):
-            own = direct[s.domain].score([s.prompt_ids + s.response_ids], [len(s.prompt_ids)]).logprobs[0]
+            seq, plen = [s.prompt_ids + s.response_ids], [len(s.prompt_ids)]
+            own = direct[s.domain].score(seq, plen, temperature=T).logprobs[0]
             other_domain = "sub" if s.domain == "add" else "add"
-            other = direct[other_domain].score([s.prompt_ids + s.response_ids], [len(s.prompt_ids)]).logprobs[0]
+            other = direct[other_domain].score(seq, plen, temperature=T).logprobs[0]
             assert out.teacher_logprobs == pytest.approx(own, abs=1e-5)
             assert out.teacher_logprobs != pytest.approx(other, abs=1e-3)  # the teachers really differ
         # Routed as the driver does it: one group per request with multiplexed_model_id=domain.
