@@ -281,8 +281,8 @@ def start_roles(cfg: DictConfig, model_dir: str, required_fields: tuple[str, ...
         apps["teacher"] = Teacher.options(
             num_replicas=t.num_replicas, ray_actor_options={"num_cpus": t.num_cpus, "num_gpus": t.num_gpus},
             **health,
-        ).bind(checkpoints, dtype=cfg.model.dtype, torch_threads=t.torch_threads, top_k=t.top_k,
-               hang_timeout_s=f.hang_timeout_s, avoid_cpus=avoid)
+        ).bind(checkpoints, temperature=r.temperature, dtype=cfg.model.dtype, torch_threads=t.torch_threads,
+               top_k=t.top_k, hang_timeout_s=f.hang_timeout_s, avoid_cpus=avoid)
     names = list(apps)
     handles = serve.run_many(
         [serve.RunTarget(target=app, name=f"{n}-{run_id}", route_prefix=None) for n, app in apps.items()]
