@@ -13,8 +13,9 @@ from typing import Any, Optional, Union
 import ray
 from ray import serve
 
+from relaxrl.ledger import TrainedLedger
 from relaxrl.metrics import info_means
-from relaxrl.queue import BatchRequest
+from relaxrl.queue import BatchRequest, TrainBatch
 from relaxrl.sample import Sample, collate
 from relaxrl.services.common import pin_cpus, quiet_replica_logs, set_threads
 
@@ -28,7 +29,8 @@ class Actor:
         algorithm: dict,
         trainer: dict,
         lora: Optional[dict] = None,
-        dtype: str = "float32",
+        dtype: str = "auto",
+        train_dtype: str = "float32",
         temperature: float = 1.0,
         seed: int = 0,
         store_name: Optional[str] = None,
@@ -49,6 +51,7 @@ class Actor:
         self.algorithm = make_algorithm(algorithm)
         engine_kwargs = dict(
             dtype=dtype,
+            train_dtype=train_dtype,
             lr=trainer["lr"],
             weight_decay=trainer["weight_decay"],
             beta1=trainer["beta1"],
@@ -79,7 +82,7 @@ class Actor:
 
             coordinator = ray.get_actor(weight_sync["coordinator"], namespace=namespace)
             self.sender = BroadcastSender(coordinator, weight_sync["backend"], weight_sync["bucket_mb"])
-        self.trained_uids: set[str] = set()
+        self.trained = TrainedLedger()  # what was trained, in memory bounded by the groups in flight
         self.trained_count = 0  # samples trained on by this actor (and the runs it resumed)
         self.watch = RequestWatch(hang_timeout_s)
         self.publish_timeout_s = publish_timeout_s
@@ -101,7 +104,7 @@ class Actor:
         # order, so by the time a step has its batch, the step before it is counted here.
         self._arrived[expect_version] += 1
         try:
-            samples: list[Sample] = await self._fetch(batch)
+            samples, closed_below = await self._fetch(batch)
             if not samples:
                 raise ValueError("train_step got an empty batch")
             collated = await asyncio.to_thread(collate, samples, self.pad_id)  # overlaps the step before
@@ -113,10 +116,10 @@ class Actor:
                 self._arrived[expect_version] -= 1
                 self._turn.notify_all()
         try:
-            duplicated = [s.uid for s in samples if s.uid in self.trained_uids]
+            duplicated = self.trained.duplicates(s.uid for s in samples)
             if duplicated:
                 raise RuntimeError(f"samples trained twice: {duplicated[:5]}")
-            self.trained_uids.update(s.uid for s in samples)
+            self.trained.record((s.uid for s in samples), closed_below)
             self.trained_count += len(samples)
             trained_on = self.engine.version
             start = time.time()
@@ -152,13 +155,16 @@ class Actor:
             "trained": [[s.uid, s.policy_version] for s in samples],  # the audit log, in training order
         }
 
-    async def _fetch(self, batch: Union[BatchRequest, list[Any]]) -> Any:
-        """The batch's samples (the queue serves batch requests in train-version order)."""
+    async def _fetch(self, batch: Union[BatchRequest, list[Any]]) -> tuple[list[Sample], Optional[int]]:
+        """The batch's samples (the queue serves batch requests in train-version order) and, from
+        the queue, the sequence number below which every group is closed (None otherwise)."""
         if not isinstance(batch, BatchRequest):
-            return await batch[0]
+            return await batch[0], None
         if self.queue is None:
             raise RuntimeError("train_step got a BatchRequest, but this actor was started without a queue_name")
-        return await self.queue.get_batch.remote(batch.num_groups, batch.timeout_s, batch.train_version)
+        got: Optional[TrainBatch] = await self.queue.get_train_batch.remote(batch.num_groups, batch.timeout_s,
+                                                                            batch.train_version)
+        return ([], None) if got is None else (got.samples, got.closed_below)
 
     def _my_turn(self, expect_version: Optional[int]) -> bool:
         """True when this step may train; raises when it never will (lost state, out of order)."""
@@ -217,11 +223,12 @@ class Actor:
         return await (await self._export())
 
     async def save_checkpoint(self, path: str) -> str:
-        """Engine state plus what the actor keeps: trained uids (so none is trained twice after a
-        resume) and the Python/NumPy RNG states (torch's is in the engine's state)."""
+        """Engine state plus what the actor keeps: its ledger of trained samples (so none is trained
+        twice after a resume; a few integers per group in flight, not a uid per sample) and the
+        Python/NumPy RNG states (torch's is in the engine's state)."""
         os.makedirs(path, exist_ok=True)
         await asyncio.to_thread(self.engine.save_checkpoint, path)
-        state = {"trained_uids": sorted(self.trained_uids), "trained_count": self.trained_count,
+        state = {"trained": self.trained.state(), "trained_count": self.trained_count,
                  "python_rng": _jsonable(random.getstate()), "numpy_rng": _numpy_rng_state()}
         with open(os.path.join(path, ACTOR_STATE), "w") as f:
             json.dump(state, f)
@@ -232,7 +239,8 @@ class Actor:
         await asyncio.to_thread(self.engine.load_checkpoint, path)
         with open(os.path.join(path, ACTOR_STATE)) as f:
             state = json.load(f)
-        self.trained_uids = set(state["trained_uids"])
+        self.trained = (TrainedLedger.from_state(state["trained"]) if "trained" in state
+                        else TrainedLedger.from_uids(state["trained_uids"]))  # a checkpoint from before the ledger
         self.trained_count = int(state["trained_count"])
         random.setstate(_tupled(state["python_rng"]))
         _set_numpy_rng_state(state["numpy_rng"])
@@ -240,7 +248,7 @@ class Actor:
         return self.engine.version
 
     def ledger(self) -> dict:
-        return {"trained_count": self.trained_count, "distinct_uids": len(self.trained_uids),
+        return {"trained_count": self.trained_count, "distinct_uids": self.trained.count,
                 "version": self.engine.version}
 
     def check_health(self) -> None:
