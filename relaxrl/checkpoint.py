@@ -4,11 +4,13 @@ A checkpoint directory ``<run_dir>/checkpoints/<name>/`` holds
 
 * ``model/``, ``trainer_state.pt`` — the trainer engine: weights (safetensors), optimizer,
   scheduler, policy version, torch RNG (loaded with ``weights_only=True``);
-* ``actor_state.json`` — trained uids (none is trained twice after a resume), Python/NumPy RNG;
+* ``actor_state.json`` — the trainer's ledger of trained samples (``relaxrl.ledger``: none is
+  trained twice after a resume; a few integers per group in flight), Python/NumPy RNG;
 * ``meta.json`` — step, version, the queue's accounting and data position (groups admitted so far
   and those in flight, which a resume generates again with the same task and seed), the rewards so
-  far, the model architecture, and the run files copied alongside (``RUN_FILES``);
-* ``train_log.jsonl`` — the ordered (sample uid, policy version) log up to this step.
+  far, the model architecture, the run files copied alongside (``RUN_FILES``), and the length of
+  the run's ``train_log.jsonl`` at this step (``train_log_bytes``): the log is not copied (it grows
+  with the run); a resume cuts the run's log back to that length.
 
 It is written under ``<name>.partial`` and renamed when complete, so a run killed while saving
 never leaves a checkpoint that looks whole. Only JSON, safetensors and tensor-only torch files are
@@ -50,13 +52,15 @@ def partial_dir(final: str) -> str:
 
 
 def finish(tmp: str, final: str, meta: dict, run_dir: str) -> str:
-    """Add ``meta.json``, the train log and run files to ``tmp`` (the trainer has written its part)
-    and move it to ``final`` in one rename."""
-    for name in [TRAIN_LOG, *RUN_FILES]:
+    """Add ``meta.json`` and run files to ``tmp`` (the trainer has written its part) and move it to
+    ``final`` in one rename. The train log stays in the run directory; meta records its length."""
+    for name in RUN_FILES:
         src = os.path.join(run_dir, name)
         if os.path.isfile(src):
             shutil.copy2(src, os.path.join(tmp, name))
-    meta = {**meta, "run_files": [n for n in RUN_FILES if os.path.isfile(os.path.join(tmp, n))]}
+    log = os.path.join(run_dir, TRAIN_LOG)
+    meta = {**meta, "run_files": [n for n in RUN_FILES if os.path.isfile(os.path.join(tmp, n))],
+            "train_log_bytes": os.path.getsize(log) if os.path.isfile(log) else 0}
     with open(os.path.join(tmp, META), "w") as f:
         json.dump(meta, f, indent=1)
     if os.path.isdir(final):
@@ -131,16 +135,71 @@ def check_compatible(meta: dict, path: str, model_arch: dict, lora: bool, group_
 
 
 def restore_run_files(path: str, run_dir: str) -> None:
-    """Put the checkpoint's train log and run files back into ``run_dir`` (dropping anything the
-    killed run logged after the checkpoint)."""
+    """Put the checkpoint's train log and run files back into ``run_dir``: the log is cut back to
+    its length at the checkpoint (dropping what the lost or killed run logged after it)."""
     meta = load_meta(path)
-    for name in [TRAIN_LOG, *meta.get("run_files", [])]:
+    if "train_log_bytes" in meta:
+        restore_train_log(path, meta, run_dir)
+    for name in [*([] if "train_log_bytes" in meta else [TRAIN_LOG]), *meta.get("run_files", [])]:
         src, dst = os.path.join(path, name), os.path.join(run_dir, name)
         if os.path.isfile(src):
             if os.path.abspath(src) != os.path.abspath(dst):
                 shutil.copy2(src, dst)
         elif name == TRAIN_LOG and os.path.isfile(dst):
             os.remove(dst)
+
+
+def restore_train_log(path: str, meta: dict, run_dir: str) -> None:
+    """``run_dir``'s train log as it was at checkpoint ``path``: the first ``train_log_bytes`` of
+    the log of the run that wrote it (``<its run_dir>/checkpoints/<name>``), whose last line must be
+    the checkpoint's step."""
+    size, step = int(meta["train_log_bytes"]), int(meta["step"])
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))), TRAIN_LOG)
+    dst = os.path.join(run_dir, TRAIN_LOG)
+    if size == 0:
+        if os.path.isfile(dst):
+            os.remove(dst)
+        return
+    if not os.path.isfile(src) or os.path.getsize(src) < size:
+        raise CheckpointError(f"checkpoint {path!r} needs the first {size} bytes of {src!r} (its train log), "
+                              f"which has {os.path.getsize(src) if os.path.isfile(src) else 'no file'}")
+    last = _last_line(src, size)
+    if json.loads(last).get("step") != step:
+        raise CheckpointError(f"train log {src!r} does not fit checkpoint {path!r}: the line ending at byte "
+                              f"{size} is not step {step}")
+    if os.path.abspath(src) == os.path.abspath(dst):
+        with open(dst, "r+b") as f:
+            f.truncate(size)
+    else:
+        with open(src, "rb") as f, open(dst, "wb") as out:
+            shutil.copyfileobj(_Prefix(f, size), out)
+
+
+def _last_line(file: str, end: int) -> bytes:
+    """The line of ``file`` ending at byte ``end`` (which must be just after a newline)."""
+    with open(file, "rb") as f:
+        pos, tail = end, b""
+        while pos > 0 and b"\n" not in tail[:-1]:
+            step = min(pos, 1 << 16)
+            pos -= step
+            f.seek(pos)
+            tail = f.read(step) + tail
+    if not tail.endswith(b"\n"):
+        raise CheckpointError(f"train log {file!r}: byte {end} is not the end of a line")
+    return tail[:-1].rsplit(b"\n", 1)[-1]
+
+
+class _Prefix:
+    """The first ``n`` bytes of a file object, for ``shutil.copyfileobj``."""
+
+    def __init__(self, f: Any, n: int) -> None:
+        self.f, self.left = f, n
+
+    def read(self, size: int = -1) -> bytes:
+        size = self.left if size < 0 else min(size, self.left)
+        data = self.f.read(size)
+        self.left -= len(data)
+        return data
 
 
 def package_versions() -> dict[str, Optional[str]]:
