@@ -64,7 +64,10 @@ class WarmStartConfig:
 class ModelConfig:
     source: str = "tiny"  # tiny: built offline from `tiny`; local: `path` holds a saved HF model
     path: Optional[str] = None  # local directory with config.json + tokenizer (never downloaded)
-    dtype: str = "float32"
+    dtype: str = "auto"  # auto: the directory's own (config.json); float32 | bfloat16 | float16
+    # What the torch trainer keeps its weights and AdamW state in: float32 (fp32 master weights,
+    # forward/backward under autocast in `dtype`; exports and checkpoints in `dtype`) or `dtype` itself.
+    train_dtype: str = "float32"
     cache_dir: str = "~/.cache/relaxrl/models"  # where built tiny models are cached, keyed by config
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)

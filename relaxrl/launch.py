@@ -254,6 +254,7 @@ def start_roles(cfg: DictConfig, model_dir: str, required_fields: tuple[str, ...
             trainer=plain(tr),
             lora=lora,
             dtype=cfg.model.dtype,
+            train_dtype=cfg.model.train_dtype,
             temperature=r.temperature,
             seed=cfg.seed,
             store_name=store_name(run_id),

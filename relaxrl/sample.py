@@ -151,9 +151,14 @@ def _padded(rows: Sequence[Sequence[float]], starts: Sequence[int], width: int, 
     return torch.tensor([[0] * st + list(r) + [0] * (width - st - len(r)) for r, st in zip(rows, starts)], dtype=dtype)
 
 
-def collate(samples: Sequence[Sample], pad_id: int) -> TensorBatch:
-    """Pad ``samples`` (prompt + response, right-padded) into a ``TensorBatch``."""
+def collate(samples: Sequence[Sample], pad_id: Optional[int]) -> TensorBatch:
+    """Pad ``samples`` (prompt + response, right-padded) into a ``TensorBatch``.
+
+    ``pad_id`` None (a tokenizer with no pad token, as Llama-3's and Mistral's) pads with 0: the
+    attention and loss masks exclude every padding position, so its value never matters."""
     import torch
+
+    pad_id = 0 if pad_id is None else int(pad_id)
 
     if not samples:
         raise ValueError("collate() needs at least one sample")

@@ -25,10 +25,18 @@ from collections import defaultdict
 import torch
 
 from relaxrl.engines.base import LossFn, WeightPayload
+from relaxrl.engines.device import log_model
 from relaxrl.engines.logprobs import batched_token_logprobs, token_logprobs
 from relaxrl.engines.options import DeepSpeedOptions
 from relaxrl.engines.payload import pack_weights
-from relaxrl.engines.torch_trainer import MODEL_DIR, STATE_FILE, batch_to, load_checkpoint_weights
+from relaxrl.engines.torch_trainer import (
+    MODEL_DIR,
+    STATE_FILE,
+    batch_to,
+    complete_model_dir,
+    load_checkpoint_weights,
+    note_skipped,
+)
 from relaxrl.models.lora import LoraConfig, adapter_state_dict, apply_lora, is_lora
 from relaxrl.sample import TensorBatch
 
@@ -106,6 +114,7 @@ class DeepSpeedTrainerEngine:
         seed: int = 0,
         torch_threads: int | None = 1,
         options: DeepSpeedOptions | dict | None = None,
+        source_dir: str | None = None,  # the model directory: its tokenizer goes into each checkpoint
     ) -> None:
         import deepspeed
         import torch.distributed as dist
@@ -147,12 +156,20 @@ class DeepSpeedTrainerEngine:
         self.micro_batch_size = micro_batch_size
         self.temperature = temperature
         self.version = 0
+        self.source_dir = source_dir
+        self.skipped_updates = 0
+        self.model_dtype = next(self.model.parameters()).dtype
+        log_model(log, "trainer", self.model, self.model_dtype,
+                  f"DeepSpeed ZeRO-{opts.zero_stage}" + (", fp32 master weights" if opts.bf16 else ""))
 
     @classmethod
-    def from_pretrained(cls, path: str, *, dtype: str = "float32", **kwargs) -> "DeepSpeedTrainerEngine":
+    def from_pretrained(cls, path: str, *, dtype: str = "auto", **kwargs) -> "DeepSpeedTrainerEngine":
         from relaxrl.models.loading import load_model
 
-        return cls(load_model(path, dtype=dtype), **kwargs)
+        # DeepSpeed keeps its own fp32 master weights under deepspeed.bf16: model.train_dtype is the torch engine's.
+        kwargs.pop("train_dtype", None)
+        kwargs.pop("device", None)  # DeepSpeed places the model on its rank's device itself
+        return cls(load_model(path, dtype=dtype), source_dir=kwargs.pop("source_dir", path), **kwargs)
 
     @property
     def device(self) -> torch.device:
@@ -189,8 +206,10 @@ class DeepSpeedTrainerEngine:
         if plain is not None:
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
             pre_norm = float(torch.nn.utils.get_total_norm(grads))
-        skipped = pre_norm is not None and not math.isfinite(pre_norm)
-        if skipped:  # like the torch engine: a non-finite gradient would poison the weights
+        skipped = pre_norm is not None and not (math.isfinite(pre_norm) and math.isfinite(total_loss))
+        if skipped:
+            self.skipped_updates += 1
+            note_skipped(self.version + 1, total_loss, pre_norm, self.skipped_updates)  # like the torch engine: a non-finite gradient would poison the weights
             plain.zero_grad(set_to_none=True)
             self.scheduler.step()
         else:
@@ -205,6 +224,7 @@ class DeepSpeedTrainerEngine:
             lr=lr,
             tokens=float(batch.loss_mask.sum()),
             skipped=float(skipped),
+            skipped_updates=float(self.skipped_updates),
             train_time_s=time.perf_counter() - start_time,
         )
         return out
@@ -240,6 +260,8 @@ class DeepSpeedTrainerEngine:
         if self.rank != 0:
             return
         self.model.save_pretrained(os.path.join(path, MODEL_DIR), state_dict=self._full_state() if not self.lora_on else None)
+        if not self.lora_on:
+            complete_model_dir(os.path.join(path, MODEL_DIR), self.source_dir, self.model_dtype)
         state = {
             "optimizer": plain.state_dict() if plain is not None else None,
             "scheduler": self.scheduler.state_dict(),

@@ -34,17 +34,19 @@ def make_generation_engine(
     model_dir: str,
     *,
     lora: Optional[dict] = None,
-    dtype: str = "float32",
+    dtype: str = "auto",
     torch_threads: int = 1,
     vllm: Optional[dict] = None,
     seed: int = 0,
+    device: Optional[str] = None,  # hf: None = cuda if this process sees a GPU, else cpu
 ) -> Any:
     check_engine("rollout", engine, GENERATION_ENGINES)
     lora_cfg = LoraConfig(**lora) if lora else None
     if engine == "hf":
         from relaxrl.engines.hf_generation import HFGenerationEngine
 
-        return HFGenerationEngine.from_pretrained(model_dir, lora=lora_cfg, dtype=dtype, torch_threads=torch_threads)
+        return HFGenerationEngine.from_pretrained(model_dir, lora=lora_cfg, dtype=dtype, torch_threads=torch_threads,
+                                                  device=device, role="rollout")
     _require("vllm", engine, "rollout")
     from relaxrl.engines.vllm_generation import VLLMGenerationEngine
 
@@ -55,12 +57,13 @@ def make_trainer_engine(
     engine: str,
     model_dir: str,
     *,
-    dtype: str = "float32",
+    dtype: str = "auto",
     lora: Optional[dict] = None,
     deepspeed: Optional[dict] = None,
     **kwargs: Any,
 ) -> Any:
-    """``kwargs``: the trainer engines' shared options (lr, micro_batch_size, temperature, seed, ...)."""
+    """``kwargs``: the trainer engines' shared options (lr, micro_batch_size, temperature, seed,
+    ``train_dtype``, ``device``, ...); ``dtype="auto"`` is the model directory's own dtype."""
     check_engine("trainer", engine, TRAINER_ENGINES)
     lora_cfg = LoraConfig(**lora) if lora else None
     if engine == "torch":

@@ -9,15 +9,19 @@ reports temperature-1 log-probs.
 
 from __future__ import annotations
 
+import logging
 from typing import NamedTuple, Optional, Sequence
 
 import torch
 from transformers import GenerationConfig
 
 from relaxrl.engines.base import Generation, SamplingParams, WeightPayload
+from relaxrl.engines.device import first_stop, log_model, resolve_device, token_ids
 from relaxrl.engines.logprobs import gather_response, left_pad, right_pad, token_logprobs, token_logprobs_topk
 from relaxrl.engines.payload import load_full_state_dict, unpack_weights
 from relaxrl.models.lora import LoraConfig, apply_lora, is_lora, load_adapter_state_dict
+
+log = logging.getLogger(__name__)
 
 
 class Scored(NamedTuple):
@@ -47,31 +51,48 @@ class HFGenerationEngine:
         *,
         lora: LoraConfig | None = None,
         torch_threads: int | None = 1,
+        device: str | None = None,  # None: cuda if this process sees a GPU, else cpu
+        role: str = "generation",  # names the engine in its start-up log line
     ) -> None:
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.tokenizer = tokenizer
-        self.eos_id = int(tokenizer.eos_token_id)
+        base = model.get_base_model() if is_lora(model) else model
+        # Every EOS id of the model's generation config ends a response (Llama-3 has two), then the
+        # tokenizer's own; the first is the one padding falls back to when there is no pad token.
+        self.eos_ids = token_ids(base.generation_config.eos_token_id, tokenizer.eos_token_id)
+        if not self.eos_ids:
+            raise ValueError("the model's generation config and its tokenizer name no eos_token_id")
+        self.eos_id = self.eos_ids[0]
+        # Padding is masked out everywhere, so with no pad token any id serves; EOS is always valid.
         self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id)
         # Sampling is defined by SamplingParams alone: drop a checkpoint's generation defaults
         # (top_k, repetition_penalty, ...) that the trainer's log-probs would not reflect.
-        base = model.get_base_model() if is_lora(model) else model
         base.generation_config = GenerationConfig(
-            pad_token_id=self.pad_id, eos_token_id=self.eos_id, bos_token_id=base.generation_config.bos_token_id
+            pad_token_id=self.pad_id, eos_token_id=list(self.eos_ids), bos_token_id=base.generation_config.bos_token_id
         )
         if lora is not None and lora.enabled and not is_lora(model):
             model = apply_lora(model, lora)
-        self.model = model.eval()
+        self.model = model.to(resolve_device(device)).eval()
         self.lora_on = is_lora(model)
         self.version = 0
+        log_model(log, role, self.model, next(self.model.parameters()).dtype)
 
     @classmethod
     def from_pretrained(
-        cls, path: str, *, lora: LoraConfig | None = None, dtype: str = "float32", torch_threads: int | None = 1
+        cls,
+        path: str,
+        *,
+        lora: LoraConfig | None = None,
+        dtype: str = "auto",
+        torch_threads: int | None = 1,
+        device: str | None = None,
+        role: str = "generation",
     ) -> "HFGenerationEngine":
         from relaxrl.models.loading import load_model, load_tokenizer
 
-        return cls(load_model(path, dtype=dtype), load_tokenizer(path), lora=lora, torch_threads=torch_threads)
+        return cls(load_model(path, dtype=dtype), load_tokenizer(path), lora=lora, torch_threads=torch_threads,
+                   device=device, role=role)
 
     @property
     def device(self) -> torch.device:
@@ -95,7 +116,7 @@ class HFGenerationEngine:
                 do_sample=not greedy,
                 max_new_tokens=params.max_new_tokens,
                 pad_token_id=self.pad_id,
-                eos_token_id=self.eos_id,
+                eos_token_id=list(self.eos_ids),
                 return_dict_in_generate=True,
                 output_logits=True,
                 **sampling,
@@ -114,7 +135,8 @@ class HFGenerationEngine:
         results = []
         for i in range(len(prompts)):
             row = new[i].tolist()
-            stop = row.index(self.eos_id) + 1 if self.eos_id in row else None
+            first = first_stop(row, self.eos_ids)  # generate pads finished rows: cut at the first EOS
+            stop = first + 1 if first is not None else None
             n = stop if stop is not None else min(len(row), params.max_new_tokens)
             results.append(
                 Generation(

@@ -43,6 +43,22 @@ def pack_weights(state_dict: Mapping[str, torch.Tensor], *, version: int, kind: 
     return WeightPayload(version=int(version), kind=kind, blob=st_save(tensors))
 
 
+def cast_state_dict(state: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """``state`` in ``dtype`` (floating tensors only), tied weights kept tied (cast once, shared),
+    so ``save_pretrained`` and ``pack_weights`` still write them once."""
+    cast: dict[tuple, torch.Tensor] = {}
+    out = {}
+    for name, t in state.items():
+        if not t.is_floating_point() or t.dtype == dtype:
+            out[name] = t
+            continue
+        key = _view_key(t)
+        if key not in cast:
+            cast[key] = t.detach().to(dtype)
+        out[name] = cast[key]
+    return out
+
+
 def unpack_weights(payload: WeightPayload) -> dict[str, torch.Tensor]:
     """The (CPU) state dict inside ``payload``."""
     return st_load(payload.blob)

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
+import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections import defaultdict
+from typing import Optional, Union
 
 import torch
 from safetensors.torch import load_file
 
 from relaxrl.engines.base import LossFn, WeightPayload
+from relaxrl.engines.device import dtype_name, log_model, resolve_device, to_dtype
 from relaxrl.engines.logprobs import batched_token_logprobs, token_logprobs
-from relaxrl.engines.payload import load_full_state_dict, pack_weights
+from relaxrl.engines.payload import cast_state_dict, load_full_state_dict, pack_weights
 from relaxrl.models.lora import LoraConfig, adapter_state_dict, apply_lora, is_lora, load_adapter_state_dict
 from relaxrl.sample import TensorBatch
 
@@ -55,8 +60,66 @@ def load_checkpoint_weights(model: torch.nn.Module, model_dir: str, lora_on: boo
         load_full_state_dict(model, {k: v.to(dtype) for k, v in weights.items()})
 
 
+def master_dtype(model_dtype: torch.dtype, train_dtype: Union[str, torch.dtype]) -> torch.dtype:
+    """The dtype the trainer keeps its weights and AdamW state in: float32 (fp32 master weights;
+    forward and backward then run under autocast in ``model_dtype``) or ``model_dtype`` itself."""
+    train = to_dtype(train_dtype)
+    if train not in (torch.float32, model_dtype):
+        raise ValueError(
+            f"model.train_dtype={dtype_name(train)} with model.dtype={dtype_name(model_dtype)}: the trainer keeps "
+            f"its weights in float32 (master weights) or in model.dtype itself"
+        )
+    if train != model_dtype and model_dtype == torch.float16:
+        raise ValueError(
+            "model.dtype=float16 with fp32 master weights needs loss scaling, which the torch trainer does not do: "
+            "use model.dtype=bfloat16, or model.train_dtype=float16"
+        )
+    return train
+
+
+# Files of a model directory that make up its tokenizer (copied into each checkpoint's model/).
+TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
+                   "chat_template.*", "*.model", "*.tiktoken")
+
+
+def complete_model_dir(model_dir: str, source_dir: Optional[str], dtype: torch.dtype) -> None:
+    """Make a ``save_pretrained`` output a complete model directory: the tokenizer files of
+    ``source_dir``, and config.json naming ``dtype`` (``save_pretrained`` writes the dtype of the
+    parameters, which are the fp32 master weights under mixed precision)."""
+    config_path = os.path.join(model_dir, "config.json")
+    if os.path.isfile(config_path):
+        with open(config_path) as f:
+            config = json.load(f)
+        config["dtype"] = dtype_name(dtype)
+        config.pop("torch_dtype", None)
+        with open(config_path, "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+    if source_dir is None or os.path.abspath(source_dir) == os.path.abspath(model_dir):
+        return
+    for pattern in TOKENIZER_FILES:
+        for src in glob.glob(os.path.join(source_dir, pattern)):
+            if os.path.isfile(src):
+                shutil.copy2(src, os.path.join(model_dir, os.path.basename(src)))
+    gen = os.path.join(source_dir, "generation_config.json")
+    if os.path.isfile(gen) and not os.path.isfile(os.path.join(model_dir, "generation_config.json")):
+        shutil.copy2(gen, model_dir)
+
+
+def note_skipped(step: int, loss: float, grad_norm: float, skipped_so_far: int) -> None:
+    """The WARNING of an update dropped for a non-finite loss or gradient norm."""
+    cause = f"loss={loss}" if not math.isfinite(loss) else f"grad_norm={grad_norm}"
+    log.warning("train step %d: update skipped, non-finite %s (%d skipped so far)", step, cause, skipped_so_far)
+
+
 class TorchTrainerEngine:
-    """Implements ``TrainerEngine``. With LoRA on, only the adapter is trained and exported."""
+    """Implements ``TrainerEngine``. With LoRA on, only the adapter is trained and exported.
+
+    ``dtype`` (default: the model's own) is the model's dtype: what the weights are exported and
+    checkpointed in and what forward passes compute in. ``train_dtype`` is what the optimizer
+    updates: float32 (the default) keeps fp32 master weights and runs forward and backward under
+    ``torch.autocast`` in ``dtype`` when that is lower (bf16: an lr 1e-6 AdamW step on bf16
+    weights changed 1.8% of them, the rest rounded away); ``train_dtype=dtype`` trains the model's
+    weights themselves."""
 
     def __init__(
         self,
@@ -74,16 +137,25 @@ class TorchTrainerEngine:
         lora: LoraConfig | None = None,
         seed: int = 0,
         torch_threads: int | None = 1,
+        device: str | None = None,  # None: cuda if this process sees a GPU, else cpu
+        dtype: Union[str, torch.dtype, None] = None,
+        train_dtype: Union[str, torch.dtype] = "float32",
+        source_dir: str | None = None,  # the model directory: its tokenizer goes into each checkpoint
     ) -> None:
         if torch_threads:
             torch.set_num_threads(torch_threads)
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
         torch.manual_seed(seed)  # adapter initialisation and any dropout
+        self.model_dtype = to_dtype(dtype) if dtype is not None else next(model.parameters()).dtype
+        self.train_dtype = master_dtype(self.model_dtype, train_dtype)
+        self.autocast_dtype = self.model_dtype if self.train_dtype != self.model_dtype else None
+        model = model.to(device=resolve_device(device), dtype=self.train_dtype)
         if lora is not None and lora.enabled and not is_lora(model):
             model = apply_lora(model, lora)
         self.model = model
         self.lora_on = is_lora(model)
+        self.source_dir = source_dir
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters")
@@ -98,15 +170,20 @@ class TorchTrainerEngine:
         self.micro_batch_size = micro_batch_size
         self.temperature = temperature
         self.version = 0
+        self.skipped_updates = 0  # updates dropped for a non-finite loss or gradient norm
+        note = ("fp32 master weights" if self.autocast_dtype is not None
+                else "" if self.train_dtype == torch.float32 else f"no fp32 master copy: AdamW on {dtype_name(self.train_dtype)}")
+        log_model(log, "trainer", self.model, self.model_dtype, note)
 
     @classmethod
-    def from_pretrained(cls, path: str, *, dtype: str = "float32", **kwargs) -> "TorchTrainerEngine":
-        from relaxrl.models.loading import load_model
+    def from_pretrained(cls, path: str, *, dtype: str = "auto", **kwargs) -> "TorchTrainerEngine":
+        from relaxrl.models.loading import load_model, resolve_dtype
 
-        return cls(load_model(path, dtype=dtype), **kwargs)
+        dtype = resolve_dtype(path, dtype)
+        return cls(load_model(path, dtype=dtype), dtype=dtype, source_dir=kwargs.pop("source_dir", path), **kwargs)
 
     @classmethod
-    def from_trainer_config(cls, path: str, trainer: dict, *, dtype: str = "float32", **kwargs) -> "TorchTrainerEngine":
+    def from_trainer_config(cls, path: str, trainer: dict, *, dtype: str = "auto", **kwargs) -> "TorchTrainerEngine":
         """Built from a ``TrainerConfig`` as a dict (the actor role and the benchmarks' bare loop)."""
         keys = ("lr", "weight_decay", "beta1", "beta2", "max_grad_norm", "warmup_steps", "micro_batch_size")
         return cls.from_pretrained(path, dtype=dtype, **{k: trainer[k] for k in keys},
@@ -116,6 +193,12 @@ class TorchTrainerEngine:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def _autocast(self):
+        """Mixed precision: the forward in the model's dtype over the fp32 master weights."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
     def train_step(self, batch: TensorBatch, loss_fn: LossFn) -> dict[str, float]:
         """One AdamW step over ``batch``; ``loss_fn``'s losses are already whole-batch normalised."""
         start_time = time.perf_counter()
@@ -124,7 +207,8 @@ class TorchTrainerEngine:
         total_loss, weighted = 0.0, defaultdict(float)
         for start in range(0, batch.size, self.micro_batch_size):
             mb = batch_to(batch.rows(start, start + self.micro_batch_size), self.device)
-            logp = token_logprobs(self.model, mb.input_ids, mb.attention_mask, self.temperature)
+            with self._autocast():
+                logp = token_logprobs(self.model, mb.input_ids, mb.attention_mask, self.temperature)
             loss, metrics = loss_fn(logp, mb)
             loss.backward()
             total_loss += float(loss.detach())
@@ -132,8 +216,11 @@ class TorchTrainerEngine:
                 weighted[k] += float(v) * mb.size
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm))
         lr = self.scheduler.get_last_lr()[0]
-        skipped = not math.isfinite(grad_norm)
-        if not skipped:  # a non-finite gradient would poison the weights: drop this update
+        skipped = not (math.isfinite(grad_norm) and math.isfinite(total_loss))
+        if skipped:  # a non-finite gradient would poison the weights: drop this update, and say so
+            self.skipped_updates += 1
+            note_skipped(self.version + 1, total_loss, grad_norm, self.skipped_updates)
+        else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
@@ -145,29 +232,45 @@ class TorchTrainerEngine:
             lr=lr,
             tokens=float(batch.loss_mask.sum()),
             skipped=float(skipped),
+            skipped_updates=float(self.skipped_updates),
             train_time_s=time.perf_counter() - start_time,
         )
         return out
 
     def logprobs(self, batch: TensorBatch) -> torch.Tensor:
         """``[B, T-1]`` target-token log-probs (at the trainer's temperature), no grad, on CPU."""
-        return batched_token_logprobs(self.model, batch, self.micro_batch_size, self.temperature)
+        with self._autocast():
+            return batched_token_logprobs(self.model, batch, self.micro_batch_size, self.temperature)
+
+    def _weights(self) -> dict[str, torch.Tensor]:
+        """The weights to export or save: the adapter with LoRA on, else the full state."""
+        return adapter_state_dict(self.model) if self.lora_on else self.model.state_dict()
 
     def export_weights(self) -> WeightPayload:
-        if self.lora_on:
-            return pack_weights(adapter_state_dict(self.model), version=self.version, kind="lora")
-        return pack_weights(self.model.state_dict(), version=self.version, kind="full")
+        """The weights in the model's dtype (the rollout's), whatever the trainer keeps."""
+        kind = "lora" if self.lora_on else "full"
+        return pack_weights(cast_state_dict(self._weights(), self.model_dtype), version=self.version, kind=kind)
 
     def save_checkpoint(self, path: str) -> None:
-        """Weights (an HF model dir, or the peft adapter dir), optimizer, scheduler, version, RNG."""
+        """Weights (a complete HF model dir in the model's dtype, tokenizer included, or the peft
+        adapter dir), optimizer, scheduler, version, RNG, and the fp32 master weights when the
+        saved ones are a rounding of them (so a resumed run continues from the master weights)."""
         os.makedirs(path, exist_ok=True)
-        self.model.save_pretrained(os.path.join(path, MODEL_DIR))
+        model_dir = os.path.join(path, MODEL_DIR)
+        if self.lora_on:  # the adapter as trained (fp32 under mixed precision: small, and exact)
+            self.model.save_pretrained(model_dir)
+        else:
+            self.model.save_pretrained(model_dir, state_dict=cast_state_dict(self.model.state_dict(), self.model_dtype))
+            complete_model_dir(model_dir, self.source_dir, self.model_dtype)
         state = {
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "version": self.version,
             "rng": torch.get_rng_state(),
+            "skipped_updates": self.skipped_updates,
         }
+        if self.autocast_dtype is not None and not self.lora_on:
+            state["master_weights"] = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
         torch.save(state, os.path.join(path, STATE_FILE))
@@ -181,7 +284,11 @@ class TorchTrainerEngine:
         else:  # a ZeRO-sharded DeepSpeed checkpoint: its moments are in its own format (deepspeed/)
             log.warning("no torch-format optimizer state in %s: AdamW moments restart", path)
         self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("master_weights") is not None:
+            with torch.no_grad():
+                load_full_state_dict(self.model, {k: v.to(self.train_dtype) for k, v in state["master_weights"].items()})
         self.version = int(state["version"])
+        self.skipped_updates = int(state.get("skipped_updates", 0))
         torch.set_rng_state(state["rng"])
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])

@@ -22,7 +22,7 @@ import logging
 import os
 import shutil
 import tempfile
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 from relaxrl.engines.base import Generation, SamplingParams, WeightPayload
 from relaxrl.engines.hf_generation import check_payload_kind
@@ -50,13 +50,17 @@ def request_seeds(seed: Optional[int], n: int) -> list[Optional[int]]:
     return [(int(seed) * 1_000_003 + i) % (2**63 - 1) for i in range(n)]
 
 
-def to_generation(token_ids: Sequence[int], logprobs: Optional[list], eos_id: int, finish_reason: str) -> Generation:
-    """A ``Generation`` from one vLLM completion (``logprobs``: per position ``{token: Logprob}``)."""
+def to_generation(
+    token_ids: Sequence[int], logprobs: Optional[list], eos_ids: Union[int, Sequence[int]], finish_reason: str
+) -> Generation:
+    """A ``Generation`` from one vLLM completion (``logprobs``: per position ``{token: Logprob}``);
+    it stopped when its last token is any of ``eos_ids``."""
     ids = [int(t) for t in token_ids]
     if logprobs is None or len(logprobs) < len(ids):
         raise RuntimeError(f"vLLM returned {0 if logprobs is None else len(logprobs)} log-probs for {len(ids)} tokens")
     lps = [float(step[t].logprob) for t, step in zip(ids, logprobs)]
-    stopped = bool(ids) and ids[-1] == eos_id
+    stops = {int(eos_ids)} if isinstance(eos_ids, int) else {int(t) for t in eos_ids}
+    stopped = bool(ids) and ids[-1] in stops
     return Generation(response_ids=ids, logprobs=lps, finish_reason="stop" if stopped else "length")
 
 
@@ -116,13 +120,13 @@ class VLLMGenerationEngine:
         model_dir: str,
         *,
         lora: LoraConfig | None = None,
-        dtype: str = "float32",
+        dtype: str = "auto",
         options: VLLMOptions | dict | None = None,
         seed: int = 0,
         work_dir: Optional[str] = None,
     ) -> None:
-        if dtype not in _DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; valid: {list(_DTYPES)}")
+        if dtype not in _DTYPES and dtype != "auto":
+            raise ValueError(f"unknown dtype {dtype!r}; valid: {list(_DTYPES) + ['auto']}")
         opts = VLLMOptions(**options) if isinstance(options, dict) else (options or VLLMOptions())
         if opts.tensor_parallel_size < 1:
             raise ValueError(f"vllm.tensor_parallel_size must be >= 1, got {opts.tensor_parallel_size}")
@@ -134,11 +138,14 @@ class VLLMGenerationEngine:
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
 
-        from relaxrl.models.loading import load_tokenizer
+        from relaxrl.models.loading import eos_token_ids, load_tokenizer, resolve_dtype
 
         self.model_dir = os.path.abspath(model_dir)
+        dtype = resolve_dtype(self.model_dir, dtype)  # "auto": the directory's own, not vLLM's fp16-for-fp32
         self.tokenizer = load_tokenizer(self.model_dir)
-        self.eos_id = int(self.tokenizer.eos_token_id)
+        # Every EOS id of the generation config stops a response (generation_config="vllm" below
+        # drops the checkpoint's defaults, so they are passed as stop_token_ids explicitly).
+        self.eos_ids = eos_token_ids(self.model_dir, self.tokenizer)
         self.lora_cfg = lora if lora is not None and lora.enabled else None
         self.lora_on = self.lora_cfg is not None
         kwargs: dict[str, Any] = dict(
@@ -187,7 +194,7 @@ class VLLMGenerationEngine:
                 max_tokens=params.max_new_tokens,
                 logprobs=0,  # the sampled token's log-prob only
                 seed=s,
-                stop_token_ids=[self.eos_id],
+                stop_token_ids=list(self.eos_ids),
                 skip_special_tokens=False,
                 detokenize=False,
             )
@@ -207,7 +214,7 @@ class VLLMGenerationEngine:
         gens = []
         for out in outputs:
             c = out.outputs[0]
-            gens.append(to_generation(c.token_ids, c.logprobs, self.eos_id, c.finish_reason))
+            gens.append(to_generation(c.token_ids, c.logprobs, self.eos_ids, c.finish_reason))
         return gens
 
     # ------------------------------------------------------------------ weights

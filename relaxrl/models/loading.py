@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerFast
 
+from relaxrl.engines.device import DTYPES, dtype_name, to_dtype, token_ids
 from relaxrl.models.tiny import build_tiny_model, build_tokenizer
 from relaxrl.models.warm_start import warm_start as run_warm_start
 
@@ -25,7 +26,6 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1  # bump when the tokenizer/model builders change, to invalidate caches
 MARKER = "relaxrl_complete.json"
 WARM_START_DEFAULTS = {"steps": 0, "lr": 3e-3, "batch_size": 32, "seed": 0}
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _require_local_dir(path: Union[str, os.PathLike], need_config: bool) -> Path:
@@ -69,13 +69,46 @@ def _tokenizer_class(p: Path) -> Optional[str]:
         return None
 
 
-def load_model(path: Union[str, os.PathLike], dtype: Union[str, torch.dtype] = "float32") -> PreTrainedModel:
-    """The causal LM saved in the local directory ``path``, in ``dtype``, in eval mode."""
-    if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; valid: {list(_DTYPES)}")
-        dtype = _DTYPES[dtype]
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def resolve_dtype(path: Union[str, os.PathLike], dtype: Union[str, torch.dtype] = "auto") -> str:
+    """The dtype name to load ``path`` in: ``dtype`` itself, or for ``"auto"`` the directory's own
+    (config.json's ``dtype``, or ``torch_dtype`` as older transformers wrote it; float32 when it
+    names none). A bf16 directory is then trained and saved in bf16, not silently upcast."""
+    if isinstance(dtype, torch.dtype):
+        return dtype_name(dtype)
+    if dtype != "auto":
+        to_dtype(dtype)  # an unknown name is an error naming the valid ones
+        return dtype
+    config = _read_json(_require_local_dir(path, need_config=True) / "config.json")
+    own = config.get("dtype") or config.get("torch_dtype") or "float32"
+    if own not in DTYPES:
+        raise ValueError(f"model.dtype=auto: {path}/config.json names dtype {own!r}; set model.dtype to one of {list(DTYPES)}")
+    return own
+
+
+def eos_token_ids(path: Union[str, os.PathLike], tokenizer: Any = None) -> list[int]:
+    """Every id that ends a response of the model in ``path``: its generation config's
+    ``eos_token_id`` (an id or a list: Llama-3 has two), else config.json's, then the tokenizer's."""
+    p = _require_local_dir(path, need_config=False)
+    gen = _read_json(p / "generation_config.json").get("eos_token_id")
+    own = gen if gen is not None else _read_json(p / "config.json").get("eos_token_id")
+    ids = token_ids(own, None if tokenizer is None else tokenizer.eos_token_id)
+    if not ids:
+        raise ValueError(f"{path}: no eos_token_id in generation_config.json, config.json or the tokenizer")
+    return ids
+
+
+def load_model(path: Union[str, os.PathLike], dtype: Union[str, torch.dtype] = "auto") -> PreTrainedModel:
+    """The causal LM saved in the local directory ``path``, in ``dtype`` (``"auto"``: the
+    directory's own, see ``resolve_dtype``), in eval mode."""
     p = _require_local_dir(path, need_config=True)
+    dtype = to_dtype(resolve_dtype(p, dtype))
     model = AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype, local_files_only=True)
     model.eval()
     return model
