@@ -33,3 +33,13 @@ def check_known_keys(cfg: DictConfig, schema: type) -> None:
     if bad:
         raise ValueError(f"unknown config key(s) {bad}: not in the schema (relaxrl/config.py), so nothing would "
                          "read them; check the spelling, and drop the '+' for keys that exist")
+
+
+def fill_from_rollout(cfg: DictConfig) -> None:
+    """Fill in, in place, the algorithm settings whose 0 means "the rollout's value":
+    ``algorithm.loss_agg_len`` (Dr.GRPO's constant L of ``seq_mean_token_sum``) from
+    ``rollout.max_new_tokens``, the generation limit, so the constant is the same for every batch
+    (and the resolved config records it). Algorithms without the key are left as they are."""
+    alg = cfg.algorithm
+    if "loss_agg_len" in alg and alg.loss_agg_len == 0:
+        alg.loss_agg_len = int(cfg.rollout.max_new_tokens)

@@ -34,11 +34,12 @@ def run_experiment(cfg: DictConfig, on_step=None) -> dict:
     from relaxrl.models.chat import PromptEncoder
     from relaxrl.models.loading import load_tokenizer
     from relaxrl.config import Config
-    from relaxrl.config_check import check_known_keys
+    from relaxrl.config_check import check_known_keys, fill_from_rollout
     from relaxrl.monitor import Monitor, phase
     from relaxrl.services.common import check_cpus, keep_off_cpus, restore_cpus
 
     check_known_keys(cfg, Config)  # a key added with '+' that nothing reads is an error, not a no-op
+    fill_from_rollout(cfg)  # algorithm.loss_agg_len=0: rollout.max_new_tokens (Dr.GRPO's constant)
     if cfg.algorithm.name == "dagger":  # multi-turn episodes: their own loop (relaxrl/episodic/)
         from relaxrl.episodic.driver import run_episodic_experiment
 

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from hypothesis import given, settings
+from hydra import compose, initialize_config_module
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
@@ -15,11 +16,13 @@ from relaxrl.algorithms.grpo import (
     GRPO,
     GRPOConfig,
     aggregate,
+    behaviour_weights,
     group_advantages,
     k3_kl,
     loss_normaliser,
     policy_loss,
 )
+from relaxrl.config_check import fill_from_rollout
 from relaxrl.sample import Sample, collate
 
 LN = math.log
@@ -91,8 +94,65 @@ def test_k3_kl_known_points():
     assert kl.tolist() == approx([0.193147, 0.306853, 0.0])
 
 
-PER_TOKEN = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, 6.0, 100.0, 100.0]])  # 100 = off the mask
-MASK = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+def test_k3_kl_mask_and_clamps():
+    # logp [-1, -100, -30, -1], ref [-1, 0, 0, -16], position 1 off the mask:
+    # q = ref - logp = [0, (100: masked -> 0), 30, -15]
+    logp = torch.tensor([-1.0, -100.0, -30.0, -1.0], requires_grad=True)
+    ref, mask = torch.tensor([-1.0, 0.0, 0.0, -16.0]), torch.tensor([1.0, 0.0, 1.0, 1.0])
+    # No clamps: k3(30) = e^30 - 31 = 1.068647e13, k3(-15) = e^-15 + 15 - 1 = 14.0000003
+    kl = k3_kl(logp, ref, mask).detach()
+    assert kl[:2].tolist() == [0.0, 0.0] and float(kl[3]) == pytest.approx(14.0, abs=1e-5)
+    assert float(kl[2]) == pytest.approx(math.exp(30) - 31, rel=1e-5)
+    # log-ratio clamp 20: q = 30 -> 20, k3 = e^20 - 21 = 4.851652e8 (exp stays far from overflow)
+    kl = k3_kl(logp, ref, mask, log_ratio_clamp=20.0).detach()
+    assert float(kl[2]) == pytest.approx(math.exp(20) - 21, rel=1e-5) and float(kl[3]) == pytest.approx(14.0, abs=1e-5)
+    # k3 clamp 10 caps both tails: [0, 0, 10, 10]; clamped tokens (and masked ones) get no gradient,
+    # the others d k3 / d logp = 1 - exp(q) = 0 at q = 0
+    kl = k3_kl(logp, ref, mask, log_ratio_clamp=20.0, clamp=10.0)
+    assert kl.tolist() == approx([0.0, 0.0, 10.0, 10.0])
+    kl.sum().backward()
+    assert logp.grad.tolist() == [0.0, 0.0, 0.0, 0.0]
+
+
+def masked_kl_batch(response_len):
+    """The issue's minimal input: 2 rows, one group with rewards [1, 0] (Dr.GRPO advantages
+    [+0.5, -0.5]); column 0 a loss token, column 1 (when present) masked out."""
+    mask = [1, 0][:response_len]
+    return collate([
+        sample("a", 0, 1, [-1.1, -3.0][:response_len], 1.0, ref=[-1.0, 0.0][:response_len], mask=mask),
+        sample("a", 1, 1, [-0.9, -3.0][:response_len], 0.0, ref=[-1.0, 0.0][:response_len], mask=mask),
+    ], pad_id=0)  # fmt: skip
+
+
+# defaults (log-ratio clamp 20), and masking alone (no clamp): both finite
+@pytest.mark.parametrize("clamps", [{}, {"kl_log_ratio_clamp": 0.0}], ids=["default", "no_clamp"])
+def test_kl_on_masked_positions_is_finite_and_exact(clamps):
+    # kl_coef=1e-3, mask [[1, 0], [1, 0]], logp [[-1, -100], [-1, -3]], ref [[-1, 0], [-1, 0]]: at the
+    # masked logp = -100, exp(ref - logp) = exp(100) overflows float32 and inf * 0 made the loss NaN.
+    algo = GRPO(GRPOConfig(norm_std=False, kl_coef=1e-3, **clamps))
+    batch = algo.prepare(masked_kl_batch(2))
+    assert batch.loss_mask.tolist() == [[1.0, 0.0], [1.0, 0.0]]
+    logp = torch.tensor([[-1.0, -100.0], [-1.0, -3.0]], requires_grad=True)
+    loss, metrics = algo.loss(logp, batch)
+    loss.backward()
+    # Loss tokens only: ratios exp(-1 + 1.1) = 1.105171 and exp(-1 + 0.9) = 0.904837, both inside
+    # [0.8, 1.28]; k3 = 0 (ref = logp). token_mean over 2 tokens:
+    # (-0.5 * 1.105171 + 0.5 * 0.904837) / 2 = -0.050083; d/dlogp = -A * ratio / 2 = [-0.276293, 0.226209]
+    assert float(loss.detach()) == pytest.approx(-0.050083, abs=1e-6) and metrics["kl"] == 0.0
+    assert logp.grad.tolist() == [approx([-0.276293, 0.0], abs=1e-6), approx([0.226209, 0.0], abs=1e-6)]
+    # ... and equal to the loss computed on the loss tokens alone (the masked column left out).
+    safe_algo = GRPO(GRPOConfig(norm_std=False, kl_coef=1e-3, **clamps))
+    safe = safe_algo.prepare(masked_kl_batch(1))
+    safe_lp = torch.tensor([[-1.0], [-1.0]], requires_grad=True)
+    safe_loss, _ = safe_algo.loss(safe_lp, safe)
+    safe_loss.backward()
+    assert float(loss.detach()) == float(safe_loss.detach())
+    assert torch.equal(logp.grad[:, :1], safe_lp.grad)
+
+
+# 100 = off the mask; the third row has no loss tokens (e.g. an episode of env tokens only)
+PER_TOKEN = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, 6.0, 100.0, 100.0], [100.0, 100.0, 100.0, 100.0]])
+MASK = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
 
 
 @pytest.mark.parametrize(
@@ -100,10 +160,11 @@ MASK = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
     [
         # masked sum = 1 + 2 + 3 + 4 + 6 = 16 over 5 tokens = 3.2
         ("token_mean", 0, 5.0, 3.2),
-        # row means (1+2+3)/3 = 2 and (4+6)/2 = 5, summed = 7, over 2 rows = 3.5
+        # row means (1+2+3)/3 = 2 and (4+6)/2 = 5, summed = 7, over the 2 rows that have loss
+        # tokens = 3.5 (the empty third row is left out of the sequence mean, not counted as 0)
         ("seq_mean_token_mean", 0, 2.0, 3.5),
-        # masked sum 16 over rows * L = 2 * 4 = 8 -> 2.0
-        ("seq_mean_token_sum", 4, 8.0, 2.0),
+        # masked sum 16 over rows * L = 3 * 4 = 12 -> 1.333333 (Dr.GRPO's constant counts every row)
+        ("seq_mean_token_sum", 4, 12.0, 16 / 12),
     ],
 )
 def test_aggregate_modes(mode, agg_len, normaliser, value):
@@ -112,6 +173,12 @@ def test_aggregate_modes(mode, agg_len, normaliser, value):
     # Row slices with the whole-batch normaliser add up to the whole.
     parts = aggregate(PER_TOKEN[:1], MASK[:1], mode, normaliser) + aggregate(PER_TOKEN[1:], MASK[1:], mode, normaliser)
     assert float(parts) == pytest.approx(value)
+
+
+def test_aggregate_ignores_non_finite_values_off_the_mask():
+    per_token = torch.tensor([[2.0, torch.inf], [4.0, torch.nan]])
+    mask = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    assert float(aggregate(per_token, mask, "token_mean", 2.0)) == 3.0  # (2 + 4) / 2; inf * 0 was NaN
 
 
 # ----------------------------------------------------------------------------- policy loss
@@ -133,29 +200,88 @@ def test_aggregate_modes(mode, agg_len, normaliser, value):
 def test_clipped_surrogate_on_policy(p_new, p_old, adv, loss, grad, clipped):
     logp = torch.tensor([[LN(p_new)]], requires_grad=True)
     per_token, stats = policy_loss(
-        logp, torch.tensor([[LN(p_old)]]), torch.tensor([[adv]]), torch.ones(1, 1), 0.2, 0.28, "none", 2.0
+        logp, torch.tensor([[LN(p_old)]]), torch.tensor([[adv]]), torch.ones(1, 1), 0.2, 0.28, "none"
     )
     per_token.sum().backward()
     assert float(per_token.detach()) == pytest.approx(loss, abs=1e-5)
     assert float(logp.grad) == pytest.approx(grad, abs=1e-5)
-    assert stats["clip_frac"] == clipped and stats["is_weight_mean"] == 1.0
+    assert stats["clip_frac"] == clipped and stats["is_weight_mean"] == 1.0 and stats["is_capped_frac"] == 0.0
     assert stats["approx_kl_behaviour"] == pytest.approx(LN(p_old) - LN(p_new), abs=1e-6)
 
 
-def test_decoupled_and_truncated_weights():
+def test_decoupled_and_capped_weights():
     # current p = 0.8 everywhere; behaviour p = 0.5 and 0.2 -> w = 0.8/0.5 = 1.6 and 0.8/0.2 = 4.0
     logp = torch.full((1, 3), LN(0.8))
     behaviour = torch.tensor([[LN(0.5), LN(0.2), 0.0]])
     adv = torch.tensor([[1.0, -0.5, 0.0]])
     mask = torch.tensor([[1.0, 1.0, 0.0]])
     # ratio to the proximal policy is exactly 1, so loss = -w * A = [-1.6, +2.0]; never clipped
-    per_token, stats = policy_loss(logp, behaviour, adv, mask, 0.2, 0.28, "decoupled", 2.0)
+    per_token, stats = policy_loss(logp, behaviour, adv, mask, 0.2, 0.28, "decoupled")
     assert (per_token * mask)[0, :2].tolist() == approx([-1.6, 2.0])
     assert stats["is_weight_mean"] == pytest.approx((1.6 + 4.0) / 2) and stats["clip_frac"] == 0.0
-    # truncated_is caps w at 2: [1.6, 2.0] -> loss [-1.6, +1.0], mean weight 1.8
-    per_token, stats = policy_loss(logp, behaviour, adv, mask, 0.2, 0.28, "truncated_is", 2.0)
+    assert stats["is_capped_frac"] == 0.0  # uncapped by default
+    # is_cap=2, truncate (what truncated_is was): w [1.6, 2.0] -> loss [-1.6, +1.0], mean weight 1.8
+    per_token, stats = policy_loss(logp, behaviour, adv, mask, 0.2, 0.28, "decoupled", 2.0)
     assert (per_token * mask)[0, :2].tolist() == approx([-1.6, 1.0])
-    assert stats["is_weight_mean"] == pytest.approx(1.8)
+    assert stats["is_weight_mean"] == pytest.approx(1.8) and stats["is_capped_frac"] == 0.5
+    # is_cap=2, mask: the w=4 token leaves the loss: [-1.6, 0], mean weight (1.6 + 0) / 2 = 0.8
+    per_token, stats = policy_loss(logp, behaviour, adv, mask, 0.2, 0.28, "decoupled", 2.0, "mask")
+    assert (per_token * mask)[0, :2].tolist() == approx([-1.6, 0.0])
+    assert stats["is_weight_mean"] == pytest.approx(0.8) and stats["is_capped_frac"] == 0.5
+
+
+# Current p = 0.8 on the loss tokens. Row 0: behaviour p 0.5, 0.2 -> w = 1.6, 4.0. Row 1: behaviour
+# 0.8, 0.5 -> w = 1.0, 1.6. Column 2 is off the mask, with a current log-prob of -100 there.
+W_PROX = torch.tensor([[LN(0.8), LN(0.8), -100.0], [LN(0.8), LN(0.8), -100.0]])
+W_BEHAV = torch.tensor([[LN(0.5), LN(0.2), 0.0], [LN(0.8), LN(0.5), 0.0]])
+W_MASK = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+GEO0, GEO1 = math.sqrt(1.6 * 4.0), math.sqrt(1.0 * 1.6)  # rows' geometric means: 2.529822, 1.264911
+
+
+@pytest.mark.parametrize(
+    "cap, mode, level, weights, capped",
+    [
+        ("0", "truncate", "token", [[1.6, 4.0, 1.0], [1.0, 1.6, 1.0]], [[0, 0, 0], [0, 0, 0]]),
+        ("2", "truncate", "token", [[1.6, 2.0, 1.0], [1.0, 1.6, 1.0]], [[0, 1, 0], [0, 0, 0]]),
+        ("2", "mask", "token", [[1.6, 0.0, 1.0], [1.0, 1.6, 1.0]], [[0, 1, 0], [0, 0, 0]]),
+        # sequence level: row 0's geometric mean 2.529822 > 2 -> all its tokens; row 1's 1.264911 stays
+        ("0", "truncate", "sequence", [[GEO0, GEO0, 1.0], [GEO1, GEO1, 1.0]], [[0, 0, 0], [0, 0, 0]]),
+        ("2", "truncate", "sequence", [[2.0, 2.0, 1.0], [GEO1, GEO1, 1.0]], [[1, 1, 0], [0, 0, 0]]),
+        ("2", "mask", "sequence", [[0.0, 0.0, 1.0], [GEO1, GEO1, 1.0]], [[1, 1, 0], [0, 0, 0]]),
+    ],
+)
+def test_behaviour_weights(cap, mode, level, weights, capped):
+    w, c = behaviour_weights(W_PROX, W_BEHAV, W_MASK, float(cap), mode, level)
+    assert w.tolist() == [approx(row, abs=1e-5) for row in weights]
+    assert c.int().tolist() == capped
+
+
+def test_decoupled_mask_mode_gradient_and_capped_fraction():
+    # The batch of test_decoupled_gradient_is_minus_w_a_over_n: w = [0.8, 1.6] (A = +0.5) and
+    # [2, 1, 0.8] (A = -0.5), 5 loss tokens.
+    samples = [
+        sample("a", 0, 2, [LN(0.5), LN(0.25)], 1.0),
+        sample("a", 1, 1, [LN(0.2), LN(0.4), LN(0.5)], 0.0),
+    ]
+    # token level, cap 1.5, mask: the 1.6 and 2 tokens leave the loss; the others keep -w * A / 5
+    algo = GRPO(GRPOConfig(norm_std=False, off_policy="decoupled", is_cap=1.5, is_cap_mode="mask"))
+    batch = algo.prepare(collate(samples, pad_id=0))
+    logp = torch.full(batch.loss_mask.shape, LN(0.4), requires_grad=True)
+    loss, metrics = algo.loss(logp, batch)
+    loss.backward()
+    assert logp.grad.tolist() == [approx([0.0, -0.08, 0.0]), approx([0.0, 0.1, 0.08])]
+    assert metrics["is_capped_frac"] == pytest.approx(2 / 5)
+    assert metrics["is_weight_mean"] == pytest.approx((0.8 + 0.0 + 0.0 + 1.0 + 0.8) / 5)
+    # sequence level, cap 1.15, mask: geometric means sqrt(0.8 * 1.6) = 1.131371 (kept) and
+    # (2 * 1 * 0.8) ** (1/3) = 1.169607 (> 1.15: row 1 leaves the loss); row 0: -1.131371 * 0.5 / 5
+    algo = GRPO(GRPOConfig(norm_std=False, off_policy="decoupled", is_cap=1.15, is_cap_mode="mask",
+                           is_level="sequence"))
+    batch = algo.prepare(collate(samples, pad_id=0))
+    logp = torch.full(batch.loss_mask.shape, LN(0.4), requires_grad=True)
+    loss, metrics = algo.loss(logp, batch)
+    loss.backward()
+    assert logp.grad.tolist() == [approx([0.0, -0.113137, -0.113137]), approx([0.0, 0.0, 0.0])]
+    assert metrics["is_capped_frac"] == pytest.approx(3 / 5)
 
 
 # ----------------------------------------------------------------------------- the GRPO class
@@ -191,50 +317,89 @@ def test_decoupled_gradient_is_minus_w_a_over_n():
     assert logp.grad[1].tolist() == approx([0.2, 0.1, 0.08])
 
 
+PREP_SAMPLES = [
+    sample("a", 0, 2, [-1.0, -1.0], 1.0),
+    sample("a", 1, 2, [-1.0], 0.0),
+    sample("b", 0, 1, [-1.0, -1.0, -1.0], 0.5),
+    sample("b", 1, 1, [-1.0], 0.5),
+]
+
+
 def test_prepare_extras_and_scalars():
-    samples = [
-        sample("a", 0, 2, [-1.0, -1.0], 1.0),
-        sample("a", 1, 2, [-1.0], 0.0),
-        sample("b", 0, 1, [-1.0, -1.0, -1.0], 0.5),
-        sample("b", 1, 1, [-1.0], 0.5),
-    ]
-    batch = GRPO(GRPOConfig(norm_std=False, loss_agg="seq_mean_token_sum")).prepare(collate(samples, pad_id=0))
+    batch = GRPO(GRPOConfig(norm_std=False, loss_agg="seq_mean_token_sum", loss_agg_len=8)).prepare(
+        collate(PREP_SAMPLES, pad_id=0))
     adv = batch.extras["advantages"]
     assert adv.shape == batch.loss_mask.shape == (4, 3)
     assert adv.tolist() == [[0.0, 0.5, 0.5], [0.0, -0.5, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
-    # longest row has 3 loss tokens -> L = 3, normaliser = 4 rows * 3 = 12
-    assert batch.scalars["loss_agg_len"] == 3 and batch.scalars["loss_normaliser"] == 12
+    # L = the generation limit 8, not the longest row (3 loss tokens): normaliser = 4 rows * 8 = 32
+    assert batch.scalars["loss_agg_len"] == 8 and batch.scalars["loss_normaliser"] == 32
     assert batch.scalars["zero_adv_groups"] == 1  # group "b" = [0.5, 0.5]
     assert batch.scalars["reward_mean"] == pytest.approx(0.5)  # (1 + 0 + .5 + .5) / 4
     assert batch.scalars["adv_abs_mean"] == pytest.approx(0.25)  # (.5 + .5 + 0 + 0) / 4
 
 
+def test_seq_mean_token_sum_needs_the_generation_limit():
+    with pytest.raises(ValueError, match="loss_agg_len.*rollout.max_new_tokens"):
+        GRPO(GRPOConfig(loss_agg="seq_mean_token_sum")).prepare(collate(PREP_SAMPLES, pad_id=0))
+
+
+def compose_run(*overrides):
+    with initialize_config_module(config_module="relaxrl.conf", version_base=None):
+        return compose(config_name="config", overrides=["run_dir=/tmp/x", "+experiment=quickstart", *overrides])
+
+
+def test_run_config_fills_loss_agg_len_from_max_new_tokens():
+    cfg = compose_run("algorithm.loss_agg=seq_mean_token_sum", "rollout.max_new_tokens=5")
+    assert cfg.algorithm.loss_agg_len == 0
+    fill_from_rollout(cfg)
+    assert cfg.algorithm.loss_agg_len == 5
+    # Dr.GRPO's constant is B * 5 = 20 for these 4 rows, whose longest has 3 loss tokens
+    batch = make_algorithm(cfg.algorithm).prepare(collate(PREP_SAMPLES, pad_id=0))
+    assert batch.scalars["loss_normaliser"] == 20
+    cfg = compose_run("algorithm.loss_agg_len=7", "rollout.max_new_tokens=5")
+    fill_from_rollout(cfg)
+    assert cfg.algorithm.loss_agg_len == 7  # set explicitly: kept
+
+
 def random_batch(seed, with_ref=True):
     g = torch.Generator().manual_seed(seed)
     samples = []
-    for i in range(7):
+    for i in range(8):
         n = 1 + int(torch.randint(6, (1,), generator=g))
         lp = (-torch.rand(n, generator=g) * 3).tolist()
         ref = (-torch.rand(n, generator=g) * 3).tolist() if with_ref else None
         mask = [1] * n if i % 3 else [1] + [0] * (n - 1)  # some env tokens inside responses
+        if i == 7:
+            mask = [0] * n  # a row without loss tokens
         samples.append(sample(f"g{i // 3}", i % 3, 1 + i % 3, lp, float(i % 2), ref, mask))
     return collate(samples, pad_id=0)
 
 
+OFF_POLICY_SETTINGS = [
+    {"off_policy": "none"},
+    {"off_policy": "decoupled"},
+    {"off_policy": "decoupled", "is_cap": 1.2},
+    {"off_policy": "decoupled", "is_cap": 1.2, "is_cap_mode": "mask"},
+    {"off_policy": "decoupled", "is_cap": 1.05, "is_cap_mode": "mask", "is_level": "sequence"},
+]
+
+
 @pytest.mark.parametrize("loss_agg", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"])
-@pytest.mark.parametrize("off_policy", ["none", "decoupled", "truncated_is"])
+@pytest.mark.parametrize("off_policy", OFF_POLICY_SETTINGS, ids=lambda d: "-".join(map(str, d.values())))
 def test_micro_batches_sum_to_whole_batch(loss_agg, off_policy):
-    algo = GRPO(GRPOConfig(loss_agg=loss_agg, off_policy=off_policy, kl_coef=0.1))
+    algo = GRPO(GRPOConfig(loss_agg=loss_agg, loss_agg_len=6, kl_coef=0.1, **off_policy))
     batch = algo.prepare(random_batch(0))
     noise = torch.randn(batch.loss_mask.shape, generator=torch.Generator().manual_seed(1))
     logp_init = batch.behaviour_logprobs + 0.3 * noise  # ratios spread over and beyond the clip range
     whole_lp = logp_init.clone().requires_grad_(True)
     whole, metrics = algo.loss(whole_lp, batch)
     whole.backward()
-    assert set(metrics) == {"pg_loss", "kl", "clip_frac", "is_weight_mean", "approx_kl_behaviour"}
+    assert set(metrics) == {"pg_loss", "kl", "clip_frac", "is_weight_mean", "is_capped_frac", "approx_kl_behaviour"}
+    if "is_cap" in off_policy:  # the noise puts some weights over the cap
+        assert 0 < metrics["is_capped_frac"] < 1
     assert all(isinstance(v, float) for v in metrics.values())
     micro_lp = logp_init.clone().requires_grad_(True)
-    total = sum(algo.loss(micro_lp[i:j], batch.rows(i, j))[0] for i, j in [(0, 2), (2, 3), (3, 7)])
+    total = sum(algo.loss(micro_lp[i:j], batch.rows(i, j))[0] for i, j in [(0, 2), (2, 3), (3, 8)])
     total.backward()
     assert float(total.detach()) == pytest.approx(float(whole.detach()), abs=1e-6)
     assert torch.allclose(micro_lp.grad, whole_lp.grad, atol=1e-7)
@@ -263,8 +428,16 @@ def test_loss_before_prepare_is_an_error():
         ({"clip_low": -0.1}, "clip_low"),
         ({"clip_high": -1.0}, "clip_high"),
         ({"loss_agg": "sum"}, "loss_agg.*token_mean.*seq_mean_token_mean.*seq_mean_token_sum"),
-        ({"off_policy": "vtrace"}, "off_policy.*none.*decoupled.*truncated_is"),
-        ({"is_cap": 0.0}, "is_cap"),
+        ({"off_policy": "vtrace"}, "off_policy.*none.*decoupled"),
+        ({"off_policy": "truncated_is"}, "off_policy=decoupled with is_cap"),
+        ({"off_policy": "decoupled", "is_cap": -1.0}, "is_cap must be >= 0"),
+        ({"off_policy": "decoupled", "is_cap": 2.0, "is_cap_mode": "drop"}, "is_cap_mode.*truncate.*mask"),
+        ({"off_policy": "decoupled", "is_level": "seq"}, "is_level.*token.*sequence"),
+        ({"off_policy": "decoupled", "is_cap_mode": "mask"}, "mask needs is_cap > 0"),
+        ({"is_cap": 2.0}, "off_policy=none has none"),
+        ({"is_level": "sequence"}, "off_policy=none has none"),
+        ({"kl_log_ratio_clamp": -1.0}, "kl_log_ratio_clamp"),
+        ({"kl_clamp": -1.0}, "kl_clamp"),
     ],
 )
 def test_config_validation(kwargs, match):
