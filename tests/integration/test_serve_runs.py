@@ -55,13 +55,18 @@ def test_lora_run_publishes_only_the_adapter(ray_local, tmp_path, model_cache):
 
 
 def test_kl_to_reference_goes_through_the_teacher_role(ray_local, tmp_path, model_cache):
+    """At rollout.temperature=0.7 the teacher role scores the reference at the trainer's temperature:
+    the first step's policy is the reference itself, so its KL is 0 (0.009 with the teacher at T=1,
+    before), and it grows as soon as training has moved the policy."""
     cfg = make_cfg(tmp_path, model_cache, "trainer.steps=3", "algorithm.kl_coef=0.05",
-                   "rollout.max_staleness=1")
+                   "rollout.max_staleness=1", "rollout.temperature=0.7")
     s = run_experiment(cfg)
     steps, _ = read_metrics(tmp_path)
     assert s["steps"] == 3
-    assert all("kl" in m and m["kl"] >= 0.0 for m in steps)
-    assert steps[0]["kl"] < 1e-4  # the first step's policy is the reference itself
+    kls = [m["kl"] for m in steps]
+    print(f"kl per step: {kls}")
+    assert kls[0] < 1e-6
+    assert kls[2] > 1e-3  # 0.096 measured; 0 would mean the reference moved with the policy
 
 
 def test_trainer_cpus_pin_the_trainer_and_keep_the_other_roles_off(ray_local, tmp_path, model_cache):
