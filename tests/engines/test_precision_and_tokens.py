@@ -198,6 +198,10 @@ def test_a_tokenizer_with_no_pad_token_trains(tokenizer, tmp_path):
     trainer = TorchTrainerEngine.from_pretrained(path, lr=1e-3, micro_batch_size=4, device="cpu")
     out = trainer.train_step(batch, nll)
     assert math.isfinite(out["loss"]) and out["skipped"] == 0.0 and out["grad_norm"] > 0
+    # Its checkpoint is a complete model directory: a rollout built from it stops at both EOS ids.
+    trainer.save_checkpoint(str(tmp_path / "ckpt"))
+    again = HFGenerationEngine.from_pretrained(str(tmp_path / "ckpt" / MODEL_DIR), device="cpu")
+    assert again.eos_ids == [EOS, SECOND_EOS] and again.tokenizer.pad_token_id is None
 
 
 def test_the_pad_id_never_changes_the_log_probs_of_real_tokens(base_model, tokenizer):
