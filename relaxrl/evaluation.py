@@ -1,4 +1,7 @@
-"""Greedy evaluation of a generation engine on an env's eval split, scored per domain."""
+"""Greedy evaluation of a generation engine on an env's eval split, scored per domain.
+
+Scores are rewards of the decoded text; no log-prob is used here (a greedy generation's log-probs
+are T=1's, as the engines report them, whatever rollout.temperature is)."""
 
 from __future__ import annotations
 

@@ -4,7 +4,8 @@ One request is a batch of episodes; they run concurrently on the replica's event
 student action is one call to ``_act``, which ``serve.batch`` merges across all episodes (and
 requests) waiting at that moment; env steps run in a thread pool, so an episode waiting on a slow
 tool blocks nobody. The teacher is the env's expert, or a checkpoint served by the teacher
-deployment (``Teacher.act``).
+deployment (``Teacher.act``). Student actions are sampled, and their behaviour log-probs taken, at
+the rollout's temperature; greedy requests (temperature 0, evaluation) report T=1 log-probs.
 """
 
 from __future__ import annotations
