@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from relaxrl.envs.base import Task
-from relaxrl.envs.verifiers import get_verifier
+from relaxrl.envs.verifiers import Verifier, get_verifier
 
 _FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 SPLITS = ("train", "eval")
@@ -27,7 +27,8 @@ def _load_columns(path: Path, fields: list[str]) -> dict[str, list]:
             f"unsupported dataset file extension {path.suffix!r} for {str(path)!r}; valid: {list(_FORMATS)}"
         )
     if not path.is_file():
-        raise FileNotFoundError(f"dataset file {str(path)!r} does not exist")
+        raise FileNotFoundError(f"dataset file {str(path)!r} does not exist (env.path; a relative path is "
+                                f"read from {str(Path.cwd())!r})")
     if fmt == "json":
         rows = _json_rows(path)
         names = list(dict.fromkeys(k for r in rows if isinstance(r, dict) for k in r))
@@ -40,7 +41,8 @@ def _load_columns(path: Path, fields: list[str]) -> dict[str, list]:
         columns = {f: list(ds[f]) for f in fields if f in names}
     for f in fields:
         if f not in names:
-            raise ValueError(f"field {f!r} not in dataset {str(path)!r}; columns present: {names}")
+            raise ValueError(f"field {f!r} not in dataset {str(path)!r}; columns present: {names} "
+                             "(set env.prompt_field / env.answer_field / env.domain_field to one of them)")
     return columns
 
 
@@ -83,6 +85,20 @@ def _row_problem(prompt, answer, domain, fields: list[str]) -> str | None:
     return None
 
 
+def reward_components(verifier: str, weights: Optional[dict[str, float]]) -> list[tuple[float, Verifier]]:
+    """(weight, verifier) pairs of ``env.reward_weights``: ``correct`` is ``env.verifier``, any other
+    key a verifier by name (e.g. ``format``: a final answer is stated). Empty: ``{correct: 1.0}``."""
+    weights = dict(weights or {"correct": 1.0})
+    out = []
+    for key, weight in weights.items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise ValueError(f"env.reward_weights.{key} must be a number, got {weight!r}")
+        name = verifier if key == "correct" else key
+        out.append((float(weight), get_verifier(name, "env.verifier" if key == "correct" else
+                                                f"env.reward_weights.{key}")))
+    return out
+
+
 class DatasetEnv:
     """Single-turn tasks from a file; a fixed held-out fraction is the eval split."""
 
@@ -97,13 +113,14 @@ class DatasetEnv:
         eval_fraction: float = 0.1,
         name: str = "dataset",
         on_bad_row: str = "error",
+        reward_weights: Optional[dict[str, float]] = None,
     ) -> None:
         if not 0.0 <= eval_fraction < 1.0:
             raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
         if on_bad_row not in ON_BAD_ROW:
             raise ValueError(f"on_bad_row must be one of {list(ON_BAD_ROW)}, got {on_bad_row!r}")
         self.name, self.path = name, str(path)
-        self._verifier = get_verifier(verifier)
+        self._components = reward_components(verifier, reward_weights)
         fields = [prompt_field, answer_field] + ([domain_field] if domain_field else [])
         cols = _load_columns(Path(path), fields)
         n_file = len(cols[prompt_field])
@@ -159,7 +176,8 @@ class DatasetEnv:
             yield self._task(split, i, row)
 
     def verify(self, response: str, task: Task) -> float:
-        return self._verifier(response, task.answer)
+        """The weighted sum of the reward components (just ``verifier`` by default)."""
+        return sum(w * float(fn(response, task.answer)) for w, fn in self._components)
 
     def sft_pairs(self, n: int, seed: int) -> list[tuple[str, str]]:
         """``n`` (prompt, answer) pairs from the train rows, for warm start."""

@@ -1,4 +1,5 @@
-"""Reward functions ``(response, answer) -> float`` for single-turn tasks, looked up by name."""
+"""Reward functions ``(response, answer) -> float`` for single-turn tasks, looked up by name, by a
+name a user registered (``@register_verifier``), or by import path (``my_module:my_reward``)."""
 
 from __future__ import annotations
 
@@ -41,11 +42,35 @@ def python_tests(response: str, answer: str) -> float:
     return run_tests(response, answer)
 
 
+def math_answer(response: str, answer: str) -> float:
+    """1.0 when the response's final answer (last \\boxed{}, ``####``, "the answer is") equals the
+    answer symbolically (math-verify); no final answer scores 0.0."""
+    from relaxrl.envs.math_answer import math_reward
+
+    return math_reward(response, answer)
+
+
+def answer_format(response: str, answer: str) -> float:
+    """1.0 when the response states a final answer in a form ``math`` extracts, whatever its value."""
+    from relaxrl.envs.math_answer import extract_answer
+
+    return float(extract_answer(response) is not None)
+
+
 VERIFIERS: dict[str, Verifier] = {"exact": exact, "numeric": numeric, "contains": contains,
-                                  "python_tests": python_tests}
+                                  "python_tests": python_tests, "math": math_answer, "format": answer_format}
 
 
-def get_verifier(name: str) -> Verifier:
-    if name not in VERIFIERS:
-        raise ValueError(f"unknown verifier {name!r}; valid: {sorted(VERIFIERS)}")
-    return VERIFIERS[name]
+def get_verifier(name: str, key: str = "env.verifier") -> Verifier:
+    """A built-in verifier, one registered with ``@register_verifier``, or one at an import path."""
+    from relaxrl.envs.plugins import USER_VERIFIERS, check_verifier, is_import_path, load_object
+
+    if name in VERIFIERS:
+        return VERIFIERS[name]
+    if name in USER_VERIFIERS:
+        return check_verifier(USER_VERIFIERS[name], f"{key}={name!r}")
+    if is_import_path(name):
+        return check_verifier(load_object(name, key), f"{key}={name!r}")
+    raise ValueError(f"unknown verifier {name!r} ({key}); valid: {sorted(VERIFIERS) + sorted(USER_VERIFIERS)}, "
+                     "an import path such as my_module:my_reward, or a @register_verifier name whose module "
+                     "is in env.imports")

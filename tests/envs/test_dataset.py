@@ -103,13 +103,13 @@ def test_verify_uses_the_named_verifier(jsonl):
 
 
 def test_verifiers():
-    assert sorted(VERIFIERS) == ["contains", "exact", "numeric", "python_tests"]
+    assert sorted(VERIFIERS) == ["contains", "exact", "format", "math", "numeric", "python_tests"]
     assert exact(" a b\n", "a b") == 1.0 and exact("a  b", "a b") == 0.0
     assert numeric("3.0000001", "3") == 1.0 and numeric("3.01", "3") == 0.0
     assert numeric("1e3", " 1000 ") == 1.0 and numeric("three", "3") == 0.0 and numeric("3", "n/a") == 0.0
     assert contains("x = 42.", "42") == 1.0 and contains("4 2", "42") == 0.0 and contains("anything", " ") == 0.0
     assert get_verifier("exact") is exact
-    with pytest.raises(ValueError, match=r"\['contains', 'exact', 'numeric', 'python_tests'\]"):
+    with pytest.raises(ValueError, match=r"unknown verifier 'regex'.*'exact', 'format', 'math'"):
         get_verifier("regex")
 
 
