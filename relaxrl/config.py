@@ -19,6 +19,7 @@ from relaxrl.algorithms.mopd import MOPDConfig
 from relaxrl.engines.options import DeepSpeedOptions, VLLMOptions, WeightSyncOptions
 from relaxrl.envs.json_answer import JsonAnswerEnvConfig
 from relaxrl.envs.mixture import MixtureEnvConfig
+from relaxrl.envs.plugins import CustomEnvConfig
 from relaxrl.faults import FaultConfig
 from relaxrl.models.lora import LoraConfig
 from relaxrl.pipeline.config import PipelineConfig
@@ -92,9 +93,16 @@ class DatasetEnvConfig:
     answer_field: str = "answer"
     domain_field: Optional[str] = None
     domain: str = "default"
-    verifier: str = "exact"  # exact | numeric | contains | python_tests (runs code in a sandboxed subprocess)
+    # exact | numeric | contains | python_tests (runs code in a sandboxed subprocess) | math (final answer,
+    # symbolic) | format | a @register_verifier name | an import path "my_module:my_reward"
+    verifier: str = "exact"
     eval_fraction: float = 0.1
     on_bad_row: str = "error"  # a malformed row (missing field, wrong type): error naming it | skip (counted, logged)
+    # Reward = weighted sum of components: correct (= verifier) or any verifier name, e.g.
+    # {correct: 1.0, format: 0.1}. Empty: {correct: 1.0}.
+    reward_weights: dict[str, float] = field(default_factory=dict)
+    imports: list[str] = field(default_factory=list)  # user modules imported first (@register_verifier)
+    prompt_template: Optional[str] = None  # e.g. "Question: {prompt}\nAnswer:"; None: the chat template
 
 
 @dataclass
@@ -217,6 +225,7 @@ def register_configs() -> None:
     cs.store(group="env", name="mixture_schema", node=MixtureEnvConfig)
     cs.store(group="algorithm", name="extrapolated_opd_schema", node=ExtrapolatedOPDConfig)
     cs.store(group="env", name="json_answer_schema", node=JsonAnswerEnvConfig)
+    cs.store(group="env", name="custom_schema", node=CustomEnvConfig)
 
 
 register_configs()
