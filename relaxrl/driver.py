@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 
 from relaxrl import checkpoint
 from relaxrl.envs.base import Task
-from relaxrl.faults import ReplicaStateLost, fault_reason, is_retryable
+from relaxrl.faults import ReplicaStateLost, fault_reason, is_retryable, kill_replicas, wait_replaced
 from relaxrl.launch import Roles
 from relaxrl.metrics import clip_intervals, first_last_mean, overlap_length, total_length
 from relaxrl.monitor import Monitor
@@ -83,6 +83,8 @@ class RunResult:
     start_step: int = 0
     start_version: int = 0
     published: Any = None  # relaxrl.weights.Published of the last weight version
+    trainer_restarts: int = 0  # lost trainers restored in this run from its newest checkpoint
+    restored_from: list[str] = field(default_factory=list)  # the checkpoint of each such restore
 
     def summary(self) -> dict:
         first, last = first_last_mean(self.rewards)
@@ -112,6 +114,8 @@ class RunResult:
             "retried_by_reason": self.queue.get("retried_by_reason", {}),
             "accounting": {k: self.queue.get(k) for k in ACCOUNTING_KEYS},
             "resumed_from": self.resumed_from,
+            "trainer_restarts": self.trainer_restarts,
+            "restored_from": self.restored_from,
             "weights_kind": getattr(self.published, "kind", None),
             "weights_nbytes": getattr(self.published, "nbytes", 0),
         }
@@ -247,7 +251,8 @@ def route_for(roles: Roles, requests: list[GroupRequest], tasks: dict[str, Task]
 
 
 class TrainerLost(RuntimeError):
-    """The trainer replica failed or came back without its state: resume from a checkpoint."""
+    """The trainer replica failed or came back without its state. ``run`` restores it from the run's
+    newest checkpoint (``faults.trainer_restarts`` times); past that, resume from a checkpoint."""
 
 
 async def train(roles: Roles, cfg: DictConfig, monitor: Monitor, stats: RunResult, t0: float,
@@ -348,6 +353,66 @@ async def restore(roles: Roles, cfg: DictConfig, env: Any, path: str, stats: Run
     return TaskStream(env, cfg.seed, start=meta["queue"]["admitted"], keep=tuple(meta["queue"]["in_flight"]))
 
 
+def restorable(cfg: DictConfig, stats: RunResult, lost: TrainerLost) -> str:
+    """The checkpoint to restore a lost trainer from in this run: the run's newest. Raises ``lost``
+    (it says to resume) once ``faults.trainer_restarts`` are used up or there is nothing to restore."""
+    if stats.trainer_restarts >= cfg.faults.trainer_restarts:
+        if cfg.faults.trainer_restarts:
+            log.error("trainer lost again after %d in-run restores (faults.trainer_restarts)", stats.trainer_restarts)
+        raise lost
+    if cfg.weight_sync.method != "object_store":  # replaced rollout replicas would have to rejoin the broadcast
+        raise TrainerLost(f"{lost} (an in-run restore needs weight_sync.method=object_store)") from lost
+    path = checkpoint.latest(os.path.join(cfg.run_dir, "checkpoints"))
+    if path is None:
+        raise TrainerLost(f"{lost} (no checkpoint in this run to restore it from: set trainer.checkpoint_every)") \
+            from lost
+    log.warning("%s: restoring it in this run from %s (restart %d of faults.trainer_restarts=%d)",
+                lost, path, stats.trainer_restarts + 1, cfg.faults.trainer_restarts)
+    return path
+
+
+async def restore_lost_trainer(roles: Roles, cfg: DictConfig, env: Any, path: str, stats: RunResult) -> TaskStream:
+    """Put the run back at checkpoint ``path`` after its trainer was lost (the producers have
+    stopped): the trainer replica Serve restarted loads it and publishes its weights, the rollout
+    replicas are replaced (they hold newer weights, which they would never give up for older
+    ones), the queue and the train log go back to the checkpoint, and the groups in flight then are
+    generated again: the run goes on as a ``resume=PATH`` of that checkpoint would."""
+    meta = checkpoint.load_meta(path)
+    lost_at = stats.steps
+    rollout = roles.app("rollout")
+    old_rollouts = kill_replicas(rollout)
+    await roles.weights.rollback.remote()
+    version = await _call_restarted(lambda: roles.actor.load_checkpoint.remote(path),
+                                    cfg.faults.trainer_restore_timeout_s)
+    await wait_replaced(rollout, old_rollouts, cfg.rollout.num_replicas, cfg.faults.trainer_restore_timeout_s)
+    # Every chain has ended (the producers returned), and the rollout replicas were replaced since:
+    # no put of the lost run can still reach the queue once it is reset.
+    await roles.queue.reset.remote(meta["queue"])
+    checkpoint.restore_run_files(path, cfg.run_dir)  # the train log loses the steps after the checkpoint
+    stats.start_step = stats.steps = int(meta["step"])
+    stats.start_version = version
+    stats.rewards = list(meta["rewards"])
+    stats.trainer_restarts += 1
+    stats.restored_from.append(path)
+    log.warning("trainer restored from %s at step %d (version %d): steps %d-%d are trained again; %d groups in "
+                "flight are generated again", path, stats.steps, version, stats.steps + 1, lost_at,
+                len(meta["queue"]["in_flight"]))
+    return TaskStream(env, cfg.seed, start=meta["queue"]["admitted"], keep=tuple(meta["queue"]["in_flight"]))
+
+
+async def _call_restarted(call: Callable[[], Awaitable], timeout_s: float) -> Any:
+    """``call()`` on a replica Serve is restarting: calls that reach the dead one are sent again."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return await call()
+        except Exception as e:
+            if not is_retryable(e) or time.monotonic() > deadline:
+                raise
+            log.info("waiting for the restarted trainer replica: %s", type(e).__name__)
+            await asyncio.sleep(0.5)
+
+
 class ProducerFailed(RuntimeError):
     """A produce loop died of an error outside a request's role calls (those are retried or dropped
     and counted): nothing would feed the trainer any more, so the run stops with the cause."""
@@ -389,18 +454,25 @@ async def run(roles: Roles, cfg: DictConfig, env: Any, prompt_ids: Any, monitor:
     r = cfg.rollout
     inflight = r.max_inflight_groups or r.groups_per_step * (r.max_staleness + 1 + r.admit_ahead_steps)
     per_request = groups_per_request(r.groups_per_request, r.batch_max_groups, r.groups_per_step, r.num_replicas)
-    clock = VersionClock(stats.start_version)
     t0 = stats.t0 = time.time()
-    producers = [asyncio.create_task(produce(roles, tasks, cfg, prompt_ids, stats, max_prompt_tokens, per_request,
-                                             clock))
-                 for _ in range(-(-inflight // per_request))]
-    try:
-        await _train_watching(train(roles, cfg, monitor, stats, t0, on_step, clock), producers)
-    finally:
-        stats.wall_s = time.time() - t0
-        await clock.close()  # requests waiting for weights that will never come are called off
-        await roles.queue.close.remote()
-        await asyncio.gather(*producers, return_exceptions=True)
+    while True:  # once, plus once per in-run restore of a lost trainer
+        clock = VersionClock(stats.start_version)
+        producers = [asyncio.create_task(produce(roles, tasks, cfg, prompt_ids, stats, max_prompt_tokens,
+                                                 per_request, clock))
+                     for _ in range(-(-inflight // per_request))]
+        restore_from = None
+        try:
+            await _train_watching(train(roles, cfg, monitor, stats, t0, on_step, clock), producers)
+        except TrainerLost as lost:
+            restore_from = restorable(cfg, stats, lost)  # raises it again when it cannot be restored here
+        finally:
+            stats.wall_s = time.time() - t0
+            await clock.close()  # requests waiting for weights that will never come are called off
+            await roles.queue.close.remote()
+            await asyncio.gather(*producers, return_exceptions=True)
+        if restore_from is None:
+            break
+        tasks = await restore_lost_trainer(roles, cfg, env, restore_from, stats)
     if cfg.trainer.save_final:
         stats.checkpoint = await save_checkpoint(roles, cfg, stats, "final")
     stats.queue = await roles.queue.metrics.remote()

@@ -4,6 +4,8 @@
 * ``is_retryable``: an error that says a replica (or an object it held) is gone, or a timeout, is
   worth retrying on another replica; an exception raised by the role's own code is not (it would
   fail again), so its group is dropped and counted instead.
+* ``trainer_restarts``: a lost trainer replica is restored in the same run from the run's newest
+  checkpoint this many times (``driver.run``), then the run stops with ``TrainerLost``.
 * ``RequestWatch``: a replica records when each request's work started; its ``check_health``
   (called by Serve every ``health_check_period_s``) fails once some work has run longer than
   ``hang_timeout_s``, and Serve replaces the replica.
@@ -29,6 +31,8 @@ class FaultConfig:
     health_check_timeout_s: float = 30.0
     publish_timeout_s: float = 120.0  # weight publication; past it the run stops with an error, never hangs
     sync_timeout_s: float = 120.0  # a rollout's weight fetch; past it the replica keeps its weights (counted)
+    trainer_restarts: int = 2  # in-run restores of a lost trainer from the newest checkpoint; then TrainerLost
+    trainer_restore_timeout_s: float = 300.0  # for Serve to bring the replicas back during such a restore
 
 
 class ReplicaStateLost(RuntimeError):
@@ -108,3 +112,25 @@ def replica_actors(app_name: str) -> list[Any]:
     prefix = f"SERVE_REPLICA::{app_name}#"
     return [ray.get_actor(a["name"], namespace=a["namespace"])
             for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
+
+
+def kill_replicas(app_name: str) -> list[str]:
+    """Kill every replica of a Serve application (Serve starts new ones); returns their actor ids."""
+    import ray
+
+    killed = []
+    for replica in replica_actors(app_name):
+        killed.append(replica._actor_id.hex())
+        ray.kill(replica, no_restart=True)
+    return killed
+
+
+async def wait_replaced(app_name: str, old_ids: list[str], count: int, timeout_s: float) -> None:
+    """Wait until ``app_name`` has ``count`` replicas, none of them ``old_ids``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        ids = [r._actor_id.hex() for r in replica_actors(app_name)]
+        if len(ids) >= count and not set(ids) & set(old_ids):
+            return
+        await asyncio.sleep(0.2)
+    raise TimeoutError(f"Serve did not replace the replicas of {app_name} within {timeout_s}s")

@@ -41,6 +41,11 @@ class WeightStore:
             self._published.set()
             self._published = None
 
+    def rollback(self) -> None:
+        """Forget the newest publication: the trainer was restored from an earlier checkpoint in
+        the same run (``driver.run``) and publishes that older version next."""
+        self._latest, self._ref = None, None
+
     async def wait_newer(self, version: int, timeout_s: float) -> Optional[tuple[int, list[Any]]]:
         """``newer_than(version)``, waiting up to ``timeout_s`` for a publication if there is none yet."""
         newer = self.newer_than(version)

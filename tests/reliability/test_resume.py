@@ -25,8 +25,10 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(ray_local, tmp_path, mo
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     s_whole = run_experiment(make_cfg(whole, model_cache, *SYNC, "trainer.save_final=true"))
 
-    # Same run, checkpointing every 2 steps; its trainer replica is killed after the first one.
-    t, box = in_thread(run_experiment, make_cfg(broken, model_cache, *SYNC, "trainer.checkpoint_every=2"))
+    # Same run, checkpointing every 2 steps; its trainer replica is killed after the first one (and
+    # not restored in the run: test_trainer_recovery.py does that).
+    t, box = in_thread(run_experiment, make_cfg(broken, model_cache, *SYNC, "trainer.checkpoint_every=2",
+                                                "faults.trainer_restarts=0"))
     wait_for(lambda: os.path.isfile(broken / "checkpoints" / "step_2" / "meta.json"), 120, "checkpoint", box)
     for replica in app_replicas("actor"):
         ray.kill(replica, no_restart=True)
