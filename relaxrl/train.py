@@ -22,6 +22,7 @@ def summary_line(s: dict) -> str:
     return (
         f"relaxrl summary: steps={s['steps']} wall_s={s['wall_s']:.1f} reward_first={s['reward_first']:.3f} "
         f"reward_last={s['reward_last']:.3f} max_staleness_seen={s['max_staleness_seen']} dropped={s['dropped']}"
+        f" trainer_restarts={s.get('trainer_restarts', 0)}"  # lost trainers restored in the run (driver.run)
     )
 
 
