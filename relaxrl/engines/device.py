@@ -52,7 +52,22 @@ def describe_model(role: str, model: torch.nn.Module, dtype: torch.dtype, note: 
 
 
 def log_model(log: logging.Logger, role: str, model: torch.nn.Module, dtype: torch.dtype, note: str = "") -> None:
+    """One INFO line per engine build. In a process whose logging nobody configured (a Ray Serve
+    replica: Serve configures only its own logger) the engines' logger gets a stderr handler, so
+    the line reaches the replica's log, and the driver's console with ``log_to_driver``."""
+    _ensure_engine_log_handler()
     log.info("%s", describe_model(role, model, dtype, note))
+
+
+def _ensure_engine_log_handler() -> None:
+    engines = logging.getLogger("relaxrl.engines")
+    if logging.getLogger().handlers or engines.handlers:
+        return  # the application configured logging (the driver, pytest): leave it to that
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    engines.addHandler(handler)
+    if engines.getEffectiveLevel() > logging.INFO:
+        engines.setLevel(logging.INFO)
 
 
 def token_ids(*candidates: Union[None, int, Sequence[int]]) -> list[int]:
