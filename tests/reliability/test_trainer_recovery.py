@@ -9,7 +9,7 @@ import pytest
 import ray
 
 from relaxrl.driver import RunResult, TrainerLost, restorable
-from relaxrl.train import run_experiment
+from relaxrl.train import run_experiment, summary_line
 from tests.integration.helpers import make_cfg
 from tests.reliability.runs import app_replicas, in_thread, step_metrics, train_log, wait_for
 from tests.reliability.test_resume import SYNC, comparable
@@ -63,6 +63,7 @@ def test_a_lost_trainer_is_restored_only_from_a_checkpoint_of_this_run_and_only_
     assert restorable(cfg, RunResult(), lost) == str(ckpt)
     with pytest.raises(TrainerLost, match="replica was lost$"):  # restarts used up: the error that says resume
         restorable(cfg, RunResult(trainer_restarts=1), lost)
+    assert "trainer_restarts=1" in summary_line(RunResult(steps=3, trainer_restarts=1).summary())
     cfg.weight_sync.method = "broadcast"
     with pytest.raises(TrainerLost, match="needs weight_sync.method=object_store"):
         restorable(cfg, RunResult(), lost)
