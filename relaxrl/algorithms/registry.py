@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any, Callable, TypeVar
-
-from omegaconf import DictConfig, OmegaConf
 
 T = TypeVar("T", bound=type)
 
@@ -35,7 +34,11 @@ def available_algorithms() -> list[str]:
 
 def _as_plain(cfg: Any) -> Any:
     """A config dataclass instance or a plain ``dict`` from any of the accepted config forms."""
-    if isinstance(cfg, DictConfig):
+    # A DictConfig exists only once omegaconf is imported; not importing it here keeps the
+    # algorithms importable where Hydra/omegaconf are absent (bench/gpu_check.py on a GPU machine).
+    omegaconf = sys.modules.get("omegaconf")
+    if omegaconf is not None and isinstance(cfg, omegaconf.DictConfig):
+        OmegaConf = omegaconf.OmegaConf
         if dataclasses.is_dataclass(OmegaConf.get_type(cfg)):  # structured config: keep its types
             return OmegaConf.to_object(cfg)
         return OmegaConf.to_container(cfg, resolve=True)
