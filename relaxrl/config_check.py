@@ -1,12 +1,17 @@
-"""Refuse keys the schema does not know, even ones added on purpose with Hydra's ``+key=value``.
+"""Checks of a composed config that must fail before Ray or any role starts.
 
-Hydra already rejects a misspelled ``key=value``; ``+key=value`` is allowed to add a key, which no
-code would read: the run would go on as if the setting had been applied.
+Unknown keys: Hydra already rejects a misspelled ``key=value``; ``+key=value`` is allowed to add a
+key, which no code would read: the run would go on as if the setting had been applied.
+The model directory: a missing directory, tokenizer or chat template would otherwise surface
+minutes later, in a role's replica log.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+from pathlib import Path
+from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -33,6 +38,53 @@ def check_known_keys(cfg: DictConfig, schema: type) -> None:
     if bad:
         raise ValueError(f"unknown config key(s) {bad}: not in the schema (relaxrl/config.py), so nothing would "
                          "read them; check the spelling, and drop the '+' for keys that exist")
+
+
+def prompt_template_of(cfg: DictConfig) -> Optional[str]:
+    """``env.prompt_template``, or None for an env schema without one (the chat template is used)."""
+    return OmegaConf.select(cfg, "env.prompt_template", default=None)
+
+
+def check_model_dir(cfg: DictConfig, multi_turn: bool = False) -> None:
+    """Fail before Ray or any role starts, with one error naming the fix, when ``model=local`` points
+    at something the roles cannot load: no directory, no config.json, no tokenizer, or a tokenizer
+    without a chat template while ``env.prompt_template`` is unset (multi-turn episodes are chats: they
+    always need the chat template). A tiny model is built by RelaxRL and always has one. Files are
+    checked, not loaded: loading a tokenizer costs seconds of imports, and the roles load it anyway."""
+    m, template = cfg.model, prompt_template_of(cfg)
+    if template is not None:
+        from relaxrl.models.chat import check_prompt_template
+
+        check_prompt_template(template)
+    if m.source != "local":
+        return
+    if not m.path:
+        raise ValueError("model=local needs model.path=DIR: a local directory written by save_pretrained "
+                         "(RelaxRL never downloads models)")
+    path = Path(os.path.expanduser(m.path))
+    if not path.is_dir():
+        raise FileNotFoundError(f"model.path={m.path!r} is not a directory (resolved: {str(path.absolute())!r}); "
+                                "point it at a local directory written by save_pretrained")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model.path={m.path!r} has no config.json: not a saved model directory "
+                                "(save the model there with model.save_pretrained(DIR))")
+    if not any((path / f).is_file() for f in _TOKENIZER_FILES):
+        raise FileNotFoundError(f"model.path={m.path!r} has no tokenizer (none of {list(_TOKENIZER_FILES)}); "
+                                "save it there too with tokenizer.save_pretrained(DIR)")
+    from relaxrl.models.chat import NO_TEMPLATE_FIX, has_chat_template
+
+    if has_chat_template(path):
+        return
+    if multi_turn:
+        raise ValueError(f"model.path={m.path!r}: the tokenizer has no chat template, and multi-turn episodes "
+                         "are rendered as chats (env.prompt_template does not apply); set a chat_template in "
+                         "its tokenizer_config.json or use a chat/instruct model")
+    if template is None:
+        raise ValueError(f"model.path={m.path!r}: the tokenizer has no chat template; {NO_TEMPLATE_FIX}")
+
+
+# Any one of these is a tokenizer save_pretrained wrote (a fast tokenizer, or a slow one's vocabulary).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
 
 
 def fill_from_rollout(cfg: DictConfig) -> None:

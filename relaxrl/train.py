@@ -28,19 +28,26 @@ def summary_line(s: dict) -> str:
 
 def run_experiment(cfg: DictConfig, on_step=None) -> dict:
     """Run one experiment end to end and return its summary (``on_step``: see ``driver.StepHook``)."""
-    from relaxrl import checkpoint, launch
-    from relaxrl.algorithms import make_algorithm
-    from relaxrl.driver import run
-    from relaxrl.envs.registry import make_env
-    from relaxrl.models.chat import PromptEncoder
-    from relaxrl.models.loading import load_tokenizer
     from relaxrl.config import Config
-    from relaxrl.config_check import check_known_keys, fill_from_rollout
-    from relaxrl.monitor import Monitor, phase
-    from relaxrl.services.common import check_cpus, keep_off_cpus, restore_cpus
+    from relaxrl.config_check import check_known_keys, check_model_dir, fill_from_rollout, prompt_template_of
+    from relaxrl.envs.registry import make_env
 
     check_known_keys(cfg, Config)  # a key added with '+' that nothing reads is an error, not a no-op
     fill_from_rollout(cfg)  # algorithm.loss_agg_len=0: rollout.max_new_tokens (Dr.GRPO's constant)
+    # What the roles could not load (model directory, tokenizer, chat template or env.prompt_template,
+    # the env: its dataset file and fields, a user's env class) fails here, before the imports of Ray
+    # and the engines below: in seconds, with one error, instead of minutes later in a replica's log.
+    check_model_dir(cfg, multi_turn=cfg.algorithm.name == "dagger")
+    env = make_env(**OmegaConf.to_container(cfg.env, resolve=True))
+
+    from relaxrl import checkpoint, launch
+    from relaxrl.algorithms import make_algorithm
+    from relaxrl.driver import run
+    from relaxrl.models.chat import PromptEncoder
+    from relaxrl.models.loading import load_tokenizer
+    from relaxrl.monitor import Monitor, phase
+    from relaxrl.services.common import check_cpus, keep_off_cpus, restore_cpus
+
     if cfg.algorithm.name == "dagger":  # multi-turn episodes: their own loop (relaxrl/episodic/)
         from relaxrl.episodic.driver import run_episodic_experiment
 
@@ -54,7 +61,6 @@ def run_experiment(cfg: DictConfig, on_step=None) -> dict:
                                         "model.warm_start.seed": m.warm_start.seed}, resume)
     check_cpus(cfg.trainer.cpus)
     algorithm = make_algorithm(launch.plain(cfg.algorithm))  # validates the algorithm config early
-    env = make_env(**launch.plain(cfg.env))
     with phase("starting Ray" if cfg.ray.address is None else f"joining Ray at {cfg.ray.address}"):
         launch.init_ray(cfg)
     with phase("preparing the model directory"):
@@ -74,7 +80,8 @@ def run_experiment(cfg: DictConfig, on_step=None) -> dict:
     summary = None
     affinity = keep_off_cpus(launch.reserved_cpus(cfg))  # the driver too keeps off them, for this run
     try:
-        result = asyncio.run(run(roles, cfg, env, PromptEncoder(tokenizer), monitor,
+        encoder = PromptEncoder(tokenizer, template=prompt_template_of(cfg))  # env.prompt_template or the chat template
+        result = asyncio.run(run(roles, cfg, env, encoder, monitor,
                                  resume=resume, max_prompt_tokens=max_prompt_tokens, on_step=on_step))
         summary = result.summary()
         summary["run_dir"] = run_dir
