@@ -21,7 +21,7 @@ from relaxrl.engines.payload import unpack_weights
 from relaxrl.engines.torch_trainer import MODEL_DIR, TorchTrainerEngine
 from relaxrl.engines.vllm_generation import to_generation
 from relaxrl.models.chat import render_prompt_ids
-from relaxrl.models.loading import eos_token_ids, load_model, load_tokenizer
+from relaxrl.models.loading import eos_token_ids, load_model, load_tokenizer, resolve_dtype
 from relaxrl.models.tiny import build_tiny_model, build_tokenizer
 from relaxrl.sample import Sample, collate
 
@@ -128,6 +128,17 @@ def test_model_dtype_auto_is_the_directorys_own(base_model, tokenizer, tmp_path)
     assert load_model(tmp_path / "bf16", dtype="float32").dtype == torch.float32
     with pytest.raises(ValueError, match="float64"):
         load_model(tmp_path / "fp32", dtype="float64")
+    config = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    config["torch_dtype"] = config.pop("dtype")  # as transformers 4 wrote it
+    (tmp_path / "bf16" / "config.json").write_text(json.dumps(config))
+    assert resolve_dtype(tmp_path / "bf16") == "bfloat16"
+
+
+def test_train_dtype_is_float32_or_the_models_own(base_model):
+    with pytest.raises(ValueError, match="train_dtype=bfloat16 with model.dtype=float32"):
+        TorchTrainerEngine(copy.deepcopy(base_model), train_dtype="bfloat16", device="cpu")
+    with pytest.raises(ValueError, match="loss scaling"):
+        TorchTrainerEngine(copy.deepcopy(base_model).to(torch.float16), device="cpu")
 
 
 def test_each_engine_logs_its_model_dtype_and_device(base_model, tokenizer, caplog):
