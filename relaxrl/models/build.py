@@ -28,7 +28,7 @@ import torch
 from tokenizers import AddedToken, Tokenizer, processors
 from transformers import GenerationConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerFast, Qwen2ForCausalLM
 
-from relaxrl.models.bpe import cached_bpe
+from relaxrl.models.bpe import cached_bpe, corpus_key
 from relaxrl.models.presets import PRESETS, Preset, get_preset, model_config
 
 FORMAT_VERSION = 1  # bump when what a directory holds changes, to invalidate cached directories
@@ -159,7 +159,10 @@ def write_model_dir(preset: Preset, out: Union[str, os.PathLike], *, seed: int =
         _patch_tokenizer_config(tmp, preset)
         marker = {"preset": asdict(preset), "seed": seed, "format": FORMAT_VERSION, "tokenizer_len": len(tokenizer)}
         (tmp / MARKER).write_text(json.dumps(marker, indent=1, sort_keys=True))
-        os.rename(tmp, final)
+        try:
+            os.rename(tmp, final)  # atomic: readers see a complete directory or none
+        except OSError as e:  # another process wrote ``out`` meanwhile
+            raise FileExistsError(f"{str(final)!r} was written by another process meanwhile") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -167,12 +170,12 @@ def write_model_dir(preset: Preset, out: Union[str, os.PathLike], *, seed: int =
 
 
 def cache_key(preset: Preset, seed: int) -> str:
-    import tokenizers
+    """Hashes the preset, the seed, the transformers version and the tokenizer's content key (which
+    covers the corpus text: another Python's library means another tokenizer, so another directory)."""
     import transformers
 
     payload = {"format": FORMAT_VERSION, "preset": asdict(preset), "seed": seed,
-               "transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
-               "python": sys.version_info[:2]}  # fmt: skip  (the tokenizer corpus is this Python's library)
+               "transformers": transformers.__version__, "tokenizer": corpus_key(preset.bpe)}  # fmt: skip
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
