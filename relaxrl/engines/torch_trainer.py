@@ -118,7 +118,7 @@ class TorchTrainerEngine:
     checkpointed in and what forward passes compute in. ``train_dtype`` is what the optimizer
     updates: float32 (the default) keeps fp32 master weights and runs forward and backward under
     ``torch.autocast`` in ``dtype`` when that is lower (bf16: an lr 1e-6 AdamW step on bf16
-    weights changed 1.8% of them, the rest rounded away); ``train_dtype=dtype`` trains the model's
+    weights changed ~2% of them, the rest rounded away); ``train_dtype=dtype`` trains the model's
     weights themselves."""
 
     def __init__(

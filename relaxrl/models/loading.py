@@ -83,7 +83,8 @@ def resolve_dtype(path: Union[str, os.PathLike], dtype: Union[str, torch.dtype] 
     if isinstance(dtype, torch.dtype):
         return dtype_name(dtype)
     if dtype != "auto":
-        to_dtype(dtype)  # an unknown name is an error naming the valid ones
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; valid: {['auto', *DTYPES]}")
         return dtype
     config = _read_json(_require_local_dir(path, need_config=True) / "config.json")
     own = config.get("dtype") or config.get("torch_dtype") or "float32"
