@@ -21,10 +21,14 @@ CHAT = [{"role": "user", "content": "What is 2+3?\nAnswer briefly."}, {"role": "
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    """Both tiny presets written once (tokenizers come from the ~/.cache/relaxrl cache after the first run)."""
-    root = tmp_path_factory.mktemp("real-shaped")
-    return {name: str(build.write_model_dir(get_preset(name), root / name)) for name in ("qwen-tiny-152k", "llama3-tiny")}
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("real-shaped")
+
+
+@pytest.fixture(scope="module")
+def built(cache):
+    """Both tiny presets built once (tokenizers come from the ~/.cache/relaxrl cache after the first run)."""
+    return {name: build.prepare_model_dir(name, cache) for name in ("qwen-tiny-152k", "llama3-tiny")}
 
 
 def safetensors_header(path: str) -> dict:
@@ -167,11 +171,13 @@ def test_write_refuses_an_existing_directory(tmp_path):
         build.write_model_dir(get_preset("qwen-tiny-152k"), tmp_path)
 
 
-def test_prepare_model_dir_reuses_a_complete_directory(tmp_path):
-    first = build.prepare_model_dir("llama3-tiny", tmp_path)
+def test_prepare_model_dir_reuses_a_complete_directory(built, cache):
+    first = built["llama3-tiny"]
     stamp = os.stat(os.path.join(first, "model.safetensors")).st_mtime_ns
-    assert build.prepare_model_dir("llama3-tiny", tmp_path) == first
+    assert build.prepare_model_dir("llama3-tiny", cache) == first
     assert os.stat(os.path.join(first, "model.safetensors")).st_mtime_ns == stamp
+    preset = get_preset("llama3-tiny")
+    assert build.cache_key(preset, seed=1) != build.cache_key(preset, seed=0)  # another seed, another directory
 
 
 @pytest.mark.bigmodel
