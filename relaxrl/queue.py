@@ -491,29 +491,33 @@ class QueueActor:
         Requests are served in train-version order, whatever order they arrive in (Ray does not
         order an async actor's calls): a request one step ahead must neither take, nor drop as
         stale, the groups the one before it waits for."""
-        batch = await self._serve(num_groups, timeout_s, train_version)
+        batch, _ = await self._serve(num_groups, timeout_s, train_version)
         return None if batch is None else Packed(batch)
 
     async def get_train_batch(self, num_groups: int, timeout_s: Optional[float] = None,
                               train_version: Optional[int] = None) -> Optional[TrainBatch]:
-        """``get_batch``, with the queue's ``closed_below`` after the take (what the trainer asks)."""
-        batch = await self._serve(num_groups, timeout_s, train_version)
-        return None if batch is None else TrainBatch(Packed(batch), self.q.closed_below())
+        """``get_batch``, with the queue's ``closed_below`` right after the take (what the trainer asks)."""
+        batch, closed_below = await self._serve(num_groups, timeout_s, train_version)
+        return None if batch is None else TrainBatch(Packed(batch), closed_below)
 
     async def _serve(self, num_groups: int, timeout_s: Optional[float],
-                     train_version: Optional[int]) -> Optional[list[Sample]]:
+                     train_version: Optional[int]) -> tuple[Optional[list[Sample]], int]:
+        """The batch, and ``closed_below`` taken with it: read later, it could already count the
+        next step's batch (taken meanwhile), and the trainer would refuse that batch as trained."""
         batch: Optional[list[Sample]] = None
+        closed_below = 0
         version = self.q.version if train_version is None else train_version
         epoch = self._epoch
 
         def ready() -> bool:
-            nonlocal batch
+            nonlocal batch, closed_below
             if self._closed or self._epoch != epoch:
                 return True
             if version > max(self.q.version, self._served_next):  # the step before is not served yet
                 return False
             dropped = self.q.dropped_groups
             batch = self.q.take(num_groups, train_version)
+            closed_below = self.q.closed_below()
             if self.q.dropped_groups != dropped:  # stale groups dropped in take() free admission slots
                 asyncio.get_running_loop().create_task(self._wake(self._capacity))
             return batch is not None
@@ -526,7 +530,7 @@ class QueueActor:
                     self._ready.notify_all()  # the next version's request may go now
 
         await asyncio.wait_for(served(), timeout_s)
-        return batch
+        return batch, closed_below
 
     async def set_version(self, version: int) -> None:
         self.q.set_version(version)

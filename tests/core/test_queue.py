@@ -490,3 +490,28 @@ def test_reset_restores_a_checkpoint_in_the_same_queue_and_answers_the_lost_trai
         actor.check_accounting(trained_by_actor=2)
 
     asyncio.run(main())
+
+
+def test_closed_below_comes_with_its_own_batch_when_the_next_step_is_asked_ahead():
+    """The trainer asks for step k+1's batch while step k trains. ``closed_below`` read after step
+    k's call returned already counted step k+1's batch (taken meanwhile), so the trainer's ledger
+    refused step k+1 as trained (seen in a Serve run: "samples trained twice: ['g2/0', ...]")."""
+    import pickle
+
+    from relaxrl.ledger import TrainedLedger
+
+    async def main():
+        actor = QueueActor(groups_per_step=2, group_size=2, max_staleness=1, required_fields=FIELDS)
+        seqs = [seq for seq, _ in await actor.admit_many(4)]
+        first = asyncio.ensure_future(actor.get_train_batch(2, 30.0, 0))
+        ahead = asyncio.ensure_future(actor.get_train_batch(2, 30.0, 1))
+        await asyncio.sleep(0.01)
+        await actor.put([s for seq in seqs for s in make_group(seq, 2, 0)])  # both batches can go now
+        return [pickle.loads(pickle.dumps(b)) for b in await asyncio.gather(first, ahead)]
+
+    ledger = TrainedLedger()
+    for batch in asyncio.run(main()):
+        uids = [s.uid for s in batch.samples]
+        assert ledger.duplicates(uids) == []
+        ledger.record(uids, batch.closed_below)
+    assert ledger.count == 8
