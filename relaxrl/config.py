@@ -170,7 +170,12 @@ class TrainerConfig:
     beta2: float = 0.999
     max_grad_norm: float = 1.0
     warmup_steps: int = 0
-    micro_batch_size: int = 32
+    micro_batch_size: int = 32  # rows per micro-batch (gradient accumulation)
+    # > 0: micro-batches hold rows of similar length, at most this many padded token slots each
+    # (rows x widest), cut to their own widest row: padding is not paid for. 0: consecutive rows.
+    max_tokens_per_micro_batch: int = 0
+    mini_batches: int = 1  # PPO mini-batches: optimizer updates per step, each on whole groups
+    ppo_epochs: int = 1  # passes over a step's mini-batches; the weight version goes up once per step
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     torch_threads: int = 1

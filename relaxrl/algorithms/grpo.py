@@ -26,6 +26,7 @@ Notation: a group ``g`` is the set of responses to one prompt, ``r_i`` a respons
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -223,14 +224,16 @@ def policy_loss(
     is_cap: float = 0.0,
     is_cap_mode: str = "truncate",
     is_level: str = "token",
+    prox_logprobs: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Per-token clipped-surrogate loss ``-w * min(rho A, clip(rho, 1-cl, 1+ch) A)`` and stats.
 
     ``none``: ``rho = pi / pi_b``, ``w = 1`` (plain PPO/GRPO, the behaviour policy is the anchor).
-    ``decoupled``: ``pi_prox = pi.detach()``. This is exact, not an approximation: RelaxRL takes one
-    optimizer step per batch, so during the step the proximal policy *is* the current weights.
-    ``rho`` is then 1 in value (clipping is inactive) but carries the gradient of ``log pi``, and
-    ``w = pi_prox / pi_b`` (see ``behaviour_weights`` for ``is_cap``/``is_cap_mode``/``is_level``)
+    ``decoupled``: ``pi_prox`` is the policy at the start of the step: ``prox_logprobs`` when the
+    step makes several updates (PPO mini-batches or epochs; the trainer computes them first), else
+    ``pi.detach()``, which is exact for a single update: the proximal policy *is* the current weights.
+    ``rho`` is then 1 in value on the first update (clipping is inactive) but carries the gradient
+    of ``log pi``, and ``w = pi_prox / pi_b`` (see ``behaviour_weights`` for ``is_cap``/``is_cap_mode``/``is_level``)
     corrects for the staleness of the rollout.
     """
     check_off_policy(off_policy, is_cap_mode, is_level)
@@ -240,8 +243,9 @@ def policy_loss(
         ratio = torch.exp(torch.where(on, logprobs - behaviour_logprobs, torch.zeros((), dtype=logprobs.dtype)))
         weight, capped = torch.ones_like(logprobs), torch.zeros_like(on)
     else:
-        prox = logprobs.detach()
-        ratio = torch.exp(logprobs - prox)
+        prox = logprobs.detach() if prox_logprobs is None else prox_logprobs
+        on = mask != 0
+        ratio = torch.exp(torch.where(on, logprobs - prox, torch.zeros((), dtype=logprobs.dtype)))
         weight, capped = behaviour_weights(prox, behaviour_logprobs, mask, is_cap, is_cap_mode, is_level)
     unclipped = ratio * advantages
     clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * advantages
@@ -266,6 +270,8 @@ class GRPO:
         self.config = config if config is not None else GRPOConfig()
         needs_ref = ("ref_logprobs",) if self.config.kl_coef > 0 else ()
         self.required_fields: tuple[str, ...] = ("response_ids", "behaviour_logprobs", "reward") + needs_ref
+        # The decoupled objective's proximal policy is the step's starting one (see policy_loss).
+        self.needs_proximal = self.config.off_policy == "decoupled"
 
     def prepare(self, batch: TensorBatch) -> TensorBatch:
         """Advantages ``[B, T-1]`` in ``extras`` and whole-batch normalisers in ``scalars``."""
@@ -300,6 +306,7 @@ class GRPO:
         per_token, metrics = policy_loss(
             logprobs, batch.behaviour_logprobs, batch.extras["advantages"], mask,
             cfg.clip_low, cfg.clip_high, cfg.off_policy, cfg.is_cap, cfg.is_cap_mode, cfg.is_level,
+            batch.extras.get("prox_logprobs"),
         )  # fmt: skip
         local = loss_normaliser(mask, cfg.loss_agg, batch.scalars["loss_agg_len"])
         with torch.no_grad():  # per-micro-batch mean, in the same units as the loss

@@ -54,13 +54,18 @@ class GenerationEngine(Protocol):
 
 # loss_fn(token_logprobs [b, T-1], micro_batch) -> (loss already normalised for the whole batch, metrics)
 LossFn = Callable[[torch.Tensor, TensorBatch], "tuple[torch.Tensor, dict[str, float]]"]
+# prepare(batch) -> batch with the algorithm's targets and normalisers (``Algorithm.prepare``)
+PrepareFn = Callable[[TensorBatch], TensorBatch]
 
 
 class TrainerEngine(Protocol):
     version: int
 
-    def train_step(self, batch: TensorBatch, loss_fn: LossFn) -> dict[str, float]:
-        """One optimizer step over ``batch`` (micro-batched, gradients accumulated); bumps version."""
+    def train_step(self, batch: TensorBatch, loss_fn: LossFn, *, prepare: Optional[PrepareFn] = None,
+                   proximal: bool = False) -> dict[str, float]:
+        """One step over ``batch`` (micro-batched, gradients accumulated; with PPO mini-batches one
+        update per mini-batch, each prepared by ``prepare``); bumps version by one. ``proximal``: put
+        the step-start policy's log-probs in ``extras["prox_logprobs"]`` when there are several updates."""
 
     def logprobs(self, batch: TensorBatch) -> torch.Tensor:
         """Per-target-token log-probs ``[B, T-1]`` under the current weights, no grad."""

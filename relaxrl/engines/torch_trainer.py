@@ -17,9 +17,10 @@ from typing import Optional, Union
 import torch
 from safetensors.torch import load_file
 
-from relaxrl.engines.base import LossFn, WeightPayload
+from relaxrl.engines.base import LossFn, PrepareFn, WeightPayload
 from relaxrl.engines.device import dtype_name, log_model, resolve_device, to_dtype
-from relaxrl.engines.logprobs import batched_token_logprobs, token_logprobs
+from relaxrl.engines.lean_logprobs import selected_token_logprobs
+from relaxrl.engines.microbatch import plan_micro_batches, row_lengths, split_groups, take_rows
 from relaxrl.engines.payload import cast_state_dict, load_full_state_dict, pack_weights
 from relaxrl.models.lora import LoraConfig, adapter_state_dict, apply_lora, is_lora, load_adapter_state_dict
 from relaxrl.sample import TensorBatch
@@ -133,6 +134,9 @@ class TorchTrainerEngine:
         max_grad_norm: float = 1.0,  # <= 0: no clipping (the norm is still reported)
         warmup_steps: int = 0,  # linear warmup from lr / warmup_steps to lr
         micro_batch_size: int = 16,
+        max_tokens_per_micro_batch: int = 0,  # > 0: micro-batches bucketed by length under this token budget
+        mini_batches: int = 1,  # AdamW updates per step, each on whole groups (PPO mini-batches)
+        ppo_epochs: int = 1,  # passes over the step's mini-batches
         temperature: float = 1.0,  # the rollout's sampling temperature: log-probs use logits / T
         lora: LoraConfig | None = None,
         seed: int = 0,
@@ -146,6 +150,8 @@ class TorchTrainerEngine:
             torch.set_num_threads(torch_threads)
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+        if mini_batches < 1 or ppo_epochs < 1:
+            raise ValueError(f"trainer.mini_batches and trainer.ppo_epochs must be >= 1, got {mini_batches}, {ppo_epochs}")
         torch.manual_seed(seed)  # adapter initialisation and any dropout
         self.model_dtype = to_dtype(dtype) if dtype is not None else next(model.parameters()).dtype
         self.train_dtype = master_dtype(self.model_dtype, train_dtype)
@@ -168,6 +174,8 @@ class TorchTrainerEngine:
         )
         self.max_grad_norm = max_grad_norm if max_grad_norm and max_grad_norm > 0 else math.inf
         self.micro_batch_size = micro_batch_size
+        self.max_tokens_per_micro_batch = max(0, int(max_tokens_per_micro_batch))
+        self.mini_batches, self.ppo_epochs = int(mini_batches), int(ppo_epochs)
         self.temperature = temperature
         self.version = 0
         self.skipped_updates = 0  # updates dropped for a non-finite loss or gradient norm
@@ -186,7 +194,8 @@ class TorchTrainerEngine:
     def from_trainer_config(cls, path: str, trainer: dict, *, dtype: str = "auto", **kwargs) -> "TorchTrainerEngine":
         """Built from a ``TrainerConfig`` as a dict (the actor role and the benchmarks' bare loop)."""
         keys = ("lr", "weight_decay", "beta1", "beta2", "max_grad_norm", "warmup_steps", "micro_batch_size")
-        return cls.from_pretrained(path, dtype=dtype, **{k: trainer[k] for k in keys},
+        optional = {k: trainer[k] for k in ("max_tokens_per_micro_batch", "mini_batches", "ppo_epochs") if k in trainer}
+        return cls.from_pretrained(path, dtype=dtype, **{k: trainer[k] for k in keys}, **optional,
                                    torch_threads=trainer.get("torch_threads", 1), **kwargs)
 
     @property
@@ -199,23 +208,70 @@ class TorchTrainerEngine:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
-    def train_step(self, batch: TensorBatch, loss_fn: LossFn) -> dict[str, float]:
-        """One AdamW step over ``batch``; ``loss_fn``'s losses are already whole-batch normalised."""
+    def train_step(self, batch: TensorBatch, loss_fn: LossFn, *, prepare: Optional[PrepareFn] = None,
+                   proximal: bool = False) -> dict[str, float]:
+        """One step over ``batch``: ``ppo_epochs`` passes over ``mini_batches`` mini-batches of whole
+        groups, one AdamW update each (one update in all by default); the version goes up by one.
+
+        ``loss_fn``'s losses are normalised over the batch it was prepared on: the whole batch with
+        one mini-batch, else each mini-batch, which ``prepare`` (the algorithm's) is run on again.
+        ``proximal``: the loss needs the policy at the start of the step (``extras["prox_logprobs"]``,
+        the decoupled objective), which differs from the current one after the first update."""
         start_time = time.perf_counter()
         self.model.train()
+        parts = self.mini_batches
+        if parts > 1 and prepare is None:
+            raise ValueError("trainer.mini_batches > 1 needs the algorithm's prepare() for each mini-batch")
+        if proximal and parts * self.ppo_epochs > 1:
+            batch.extras["prox_logprobs"] = self.logprobs(batch)
+        minis = [batch] if parts == 1 else [prepare(take_rows(batch, rows, batch.input_ids.shape[1]))
+                                            for rows in split_groups(batch.group_index, parts)]
+        weighted, updates, totals = defaultdict(float), [], defaultdict(float)
+        for _ in range(self.ppo_epochs):
+            for mini in minis:
+                updates.append(self._update(mini, loss_fn, weighted, totals))
+        self.scheduler.step()
+        self.version += 1
+        rows = batch.size * self.ppo_epochs
+        out = {k: v / rows for k, v in weighted.items()}
+        if totals["entropy_tokens"]:
+            out["entropy"] = totals["entropy"] / totals["entropy_tokens"]
+        skipped = sum(u["skipped"] for u in updates)
+        out.update(
+            loss=updates[0]["loss"] if len(updates) == 1 else sum(u["loss"] for u in updates) / len(updates),
+            grad_norm=updates[-1]["grad_norm"],
+            lr=updates[0]["lr"],
+            tokens=float(batch.loss_mask.sum()),
+            skipped=float(skipped),
+            skipped_updates=float(self.skipped_updates),
+            updates=float(len(updates)),
+            pad_frac=1.0 - totals["real_tokens"] / max(totals["token_slots"], 1.0),
+            train_time_s=time.perf_counter() - start_time,
+        )
+        return out
+
+    def _update(self, batch: TensorBatch, loss_fn: LossFn, weighted: dict, totals: dict) -> dict:
+        """One AdamW update over ``batch`` in token-budget micro-batches (gradients accumulated)."""
         self.optimizer.zero_grad(set_to_none=True)
-        total_loss, weighted = 0.0, defaultdict(float)
-        for start in range(0, batch.size, self.micro_batch_size):
-            mb = batch_to(batch.rows(start, start + self.micro_batch_size), self.device)
+        lengths = row_lengths(batch)
+        total_loss = 0.0
+        for rows in plan_micro_batches(lengths, self.micro_batch_size, self.max_tokens_per_micro_batch):
+            mb = batch_to(take_rows(batch, rows), self.device)
             with self._autocast():
-                logp = token_logprobs(self.model, mb.input_ids, mb.attention_mask, self.temperature)
+                logp, entropy = selected_token_logprobs(self.model, mb.input_ids, mb.attention_mask, mb.loss_mask,
+                                                        self.temperature, with_entropy=True)
             loss, metrics = loss_fn(logp, mb)
             loss.backward()
             total_loss += float(loss.detach())
+            selected = float(mb.loss_mask.sum())
+            totals["entropy"] += float(entropy) * selected
+            totals["entropy_tokens"] += selected
+            totals["real_tokens"] += float(sum(lengths[i] for i in rows))
+            totals["token_slots"] += float(mb.input_ids.numel())
             for k, v in metrics.items():
                 weighted[k] += float(v) * mb.size
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm))
-        lr = self.scheduler.get_last_lr()[0]
+        lr = self.optimizer.param_groups[0]["lr"]
         skipped = not (math.isfinite(grad_norm) and math.isfinite(total_loss))
         if skipped:  # a non-finite gradient would poison the weights: drop this update, and say so
             self.skipped_updates += 1
@@ -223,24 +279,22 @@ class TorchTrainerEngine:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        self.version += 1
-        out = {k: v / batch.size for k, v in weighted.items()}
-        out.update(
-            loss=total_loss,
-            grad_norm=grad_norm,
-            lr=lr,
-            tokens=float(batch.loss_mask.sum()),
-            skipped=float(skipped),
-            skipped_updates=float(self.skipped_updates),
-            train_time_s=time.perf_counter() - start_time,
-        )
-        return out
+        return {"loss": total_loss, "grad_norm": grad_norm, "lr": lr, "skipped": skipped}
 
     def logprobs(self, batch: TensorBatch) -> torch.Tensor:
-        """``[B, T-1]`` target-token log-probs (at the trainer's temperature), no grad, on CPU."""
-        with self._autocast():
-            return batched_token_logprobs(self.model, batch, self.micro_batch_size, self.temperature)
+        """``[B, T-1]`` target-token log-probs (at the trainer's temperature), no grad, on CPU: every
+        real target position, the output head a chunk of positions at a time."""
+        was_training = self.model.training
+        self.model.eval()
+        parts = []
+        with torch.no_grad(), self._autocast():
+            for start in range(0, batch.size, self.micro_batch_size):
+                mb = batch.rows(start, start + self.micro_batch_size)
+                logp, _ = selected_token_logprobs(self.model, mb.input_ids, mb.attention_mask,
+                                                  mb.attention_mask[:, 1:], self.temperature)
+                parts.append(logp.float().cpu())
+        self.model.train(was_training)
+        return torch.cat(parts)
 
     def _weights(self) -> dict[str, torch.Tensor]:
         """The weights to export or save: the adapter with LoRA on, else the full state."""

@@ -67,6 +67,15 @@ class Actor:
         engine = trainer.get("engine", "torch")
         if engine == "deepspeed":
             engine_kwargs["deepspeed"] = trainer.get("deepspeed")
+        updates = int(trainer.get("mini_batches", 1)) * int(trainer.get("ppo_epochs", 1))
+        if engine == "torch":
+            engine_kwargs.update({k: trainer[k] for k in ("max_tokens_per_micro_batch", "mini_batches", "ppo_epochs")
+                                  if k in trainer})
+        # Several updates per step: each mini-batch is prepared on its own, and the decoupled
+        # objective is anchored on the step's starting policy (engine.train_step).
+        self._step_kwargs = ({"prepare": self.algorithm.prepare,
+                              "proximal": bool(getattr(self.algorithm, "needs_proximal", False))}
+                             if updates > 1 else {})
         if int(trainer.get("num_ranks", 1)) > 1:  # data-parallel ranks in this replica's placement group
             from relaxrl.services.trainer_group import TrainerGroup
 
@@ -183,7 +192,7 @@ class Actor:
     def _train_then_copy(self, batch: Any) -> tuple[dict, float, Optional[Any]]:
         """The optimizer step, then the new weights copied out for the store in the same thread: one
         hand-off between threads per step, not two (both lie on the synchronous critical path)."""
-        metrics = self.engine.train_step(batch, self.algorithm.loss)
+        metrics = self.engine.train_step(batch, self.algorithm.loss, **self._step_kwargs)
         end = time.time()
         copied = self.engine.export_weights() if self._publishes_to_store else None
         return metrics, end, copied
