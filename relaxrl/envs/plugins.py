@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -49,7 +50,9 @@ def _register(table: dict, kind: str, name: str, builtins: Sequence[str]) -> Cal
 
     def decorate(obj: Callable) -> Callable:
         old = table.get(name)
-        if old is not None and _qualname(old) != _qualname(obj):  # re-importing the same module is fine
+        # Re-importing the same file is fine, even under another module name (a path on sys.path
+        # and a package path to the same file).
+        if old is not None and _defined_at(old) != _defined_at(obj):
             raise ValueError(f"@register_{kind}({name!r}): already registered by {_qualname(old)}")
         table[name] = obj
         return obj
@@ -69,6 +72,16 @@ def register_verifier(name: str) -> Callable:
     from relaxrl.envs.verifiers import VERIFIERS
 
     return _register(USER_VERIFIERS, "verifier", name, VERIFIERS)
+
+
+def _defined_at(obj: Any) -> tuple:
+    """(source file, qualified name) of a class or function, independent of the name it was imported by."""
+    try:
+        source = inspect.getsourcefile(obj)
+    except (TypeError, OSError):  # defined in no file (a REPL, a dynamic class)
+        source = None
+    return (os.path.realpath(source) if source else getattr(obj, "__module__", None),
+            getattr(obj, "__qualname__", repr(obj)))
 
 
 def _qualname(obj: Any) -> str:

@@ -148,3 +148,19 @@ def test_readme_command_composes_and_builds_the_example_task(monkeypatch):
     assert len(task.answer) == 4 and task.answer == task.prompt[:-1][::-1]
     assert env.verify(task.answer, task) == 1.0 and env.verify(task.answer[:2], task) == 0.5
     assert type(make_env("reverse", imports=["my_task"])).__name__ == "ReverseTask"  # the decorator's name
+
+
+def test_the_same_file_imported_under_two_names_registers_once(monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLE_DIR))
+    monkeypatch.setattr(plugins, "USER_ENVS", {})
+    monkeypatch.setattr("relaxrl.envs.registry.USER_ENVS", plugins.USER_ENVS)
+    for name in ("my_task", "examples.custom_task.my_task"):  # PYTHONPATH=examples/custom_task, or the repo root
+        sys.modules.pop(name, None)
+        assert type(make_env("reverse", imports=[name])).__name__ == "ReverseTask"
+    with pytest.raises(ValueError, match=r"register_env\('reverse'\): already registered by .*my_task.ReverseTask"):
+        plugins.register_env("reverse")(type("ReverseTask", (), {}))
+
+
+def test_a_multi_turn_env_by_import_path_fits_its_protocol():
+    env = make_env("custom", target="relaxrl.envs.guess:GuessEnv", args={"high": 7})
+    assert env.reset(0) and env.max_turns == 5 and env.expert_action()
