@@ -1,11 +1,12 @@
 """A user's own single-turn task and reward, outside the RelaxRL package: reverse a short word.
 
-    PYTHONPATH=examples/custom_task python -m relaxrl.train +experiment=quickstart \
-        env=custom env.target=my_task:ReverseTask env.args.length=3 rollout.max_new_tokens=4
+    PYTHONPATH=examples/custom_task python -m relaxrl.train +experiment=quickstart env=custom \
+        env.target=my_task:ReverseTask rollout.max_new_tokens=4 model.warm_start.steps=15 trainer.steps=120
 
 An env is any class with ``tasks(split, seed)`` and ``verify(response, task)`` (the SingleTurnEnv
 Protocol, relaxrl/envs/base.py); ``sft_pairs`` is optional (warm start). ``@register_env`` also lets
-a config name it: ``env=custom env.imports=[my_task] env.name=reverse``.
+a config name it: ``env=custom env.imports=[my_task] env.name=reverse``; constructor arguments
+come from ``env.args`` (``+env.args.length=4``). See docs/custom_tasks.md.
 """
 
 import itertools
