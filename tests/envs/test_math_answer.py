@@ -121,3 +121,14 @@ def test_a_hanging_math_verify_call_counts_as_a_verifier_timeout(monkeypatch):
         release.set()
     assert out[0].reward is None and out[0].reward_info["error"] == "verifier_timeout"
     assert out[1].reward == 0.0  # no answer: never reaches math-verify, scored at once
+
+
+def test_math_verifier_works_in_the_reward_roles_threads():
+    """The guard runs verifiers in a thread pool, where math-verify's signal-based timeouts cannot
+    run (left on, every answer would score 0 there)."""
+    verify = get_verifier("math")
+    guard = GuardedVerifier(lambda response, task: verify(response, task.answer), timeout_s=30)
+    samples = [Sample(uid=f"g/{i}", group_id="g", index=i, prompt_ids=[1], response_text=text)
+               for i, text in enumerate([r"\boxed{0.5}", r"\boxed{0.7}", r"#### \frac{2}{4}"])]
+    out = asyncio.run(guard.score(samples, Task("t", "q", "1/2")))
+    assert [s.reward for s in out] == [1.0, 0.0, 1.0] and not any(s.reward_info for s in out)
