@@ -366,8 +366,10 @@ def restorable(cfg: DictConfig, stats: RunResult, lost: TrainerLost) -> str:
     if path is None:
         raise TrainerLost(f"{lost} (no checkpoint in this run to restore it from: set trainer.checkpoint_every)") \
             from lost
-    log.warning("%s: restoring it in this run from %s (restart %d of faults.trainer_restarts=%d)",
-                lost, path, stats.trainer_restarts + 1, cfg.faults.trainer_restarts)
+    cause = type(lost.__cause__).__name__ if lost.__cause__ is not None else "it came back without its state"
+    log.warning("the trainer was lost after step %d (%s): restoring it in this run from %s (restart %d of "
+                "faults.trainer_restarts=%d)", stats.steps, cause, path, stats.trainer_restarts + 1,
+                cfg.faults.trainer_restarts)
     return path
 
 
@@ -394,9 +396,9 @@ async def restore_lost_trainer(roles: Roles, cfg: DictConfig, env: Any, path: st
     stats.rewards = list(meta["rewards"])
     stats.trainer_restarts += 1
     stats.restored_from.append(path)
-    log.warning("trainer restored from %s at step %d (version %d): steps %d-%d are trained again; %d groups in "
-                "flight are generated again", path, stats.steps, version, stats.steps + 1, lost_at,
-                len(meta["queue"]["in_flight"]))
+    log.warning("trainer restored from %s at step %d (version %d): the %d steps trained since are lost and trained "
+                "again; %d groups in flight then are generated again", path, stats.steps, version,
+                lost_at - stats.steps, len(meta["queue"]["in_flight"]))
     return TaskStream(env, cfg.seed, start=meta["queue"]["admitted"], keep=tuple(meta["queue"]["in_flight"]))
 
 
