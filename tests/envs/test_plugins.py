@@ -164,3 +164,23 @@ def test_the_same_file_imported_under_two_names_registers_once(monkeypatch):
 def test_a_multi_turn_env_by_import_path_fits_its_protocol():
     env = make_env("custom", target="relaxrl.envs.guess:GuessEnv", args={"high": 7})
     assert env.reset(0) and env.max_turns == 5 and env.expert_action()
+
+
+def test_the_example_multi_turn_env_runs_dagger_by_import_path(monkeypatch, model_cache):
+    """examples/custom_task/my_game.py through the DAgger loop in one process (the Serve run's pieces)."""
+    from relaxrl.algorithms.dagger import DAggerConfig
+    from relaxrl.episodic.local import LocalEpisodes
+    from relaxrl.models.loading import prepare_tiny_model_dir
+
+    monkeypatch.syspath_prepend(str(EXAMPLE_DIR))
+    env_cfg = {"name": "custom", "target": "my_game:Parity"}
+    game = make_env(**env_cfg)
+    game.reset(0)
+    while not (result := game.step(game.expert_action())).done:
+        pass
+    assert result.reward == 1.0 and result.info["success"]
+    model_dir = prepare_tiny_model_dir(cache_dir=model_cache, model_kwargs={"seed": 0}, warm_start_pairs_fn=None,
+                                       warm_start={}, key_extra={"purpose": "plugin_test"})
+    cfg = DAggerConfig(episodes_per_iter=4, steps_per_iter=1, batch_size=8, eval_episodes=2, beta_decay_iters=1)
+    out = LocalEpisodes(model_dir, env_cfg, cfg, lr=1e-3, seed=0).run(total_steps=2)
+    assert out.steps == 2 and out.labels > 0 and out.episodes > 0
