@@ -84,3 +84,34 @@ def test_nothing_selected_gives_zeros():
     ids, attn, mask = _batch(3001)
     out, entropy = selected_token_logprobs(model, ids, attn, torch.zeros_like(mask), with_entropy=True)
     assert torch.equal(out, torch.zeros_like(mask)) and float(entropy) == 0.0
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 0.0])
+def test_generation_records_logprobs_without_keeping_every_steps_logits(temperature):
+    """Behaviour log-probs equal the trainer's on the same tokens, and generate() is never asked
+    for the logits of every step (new_tokens x [B, vocab] fp32)."""
+    from relaxrl.engines.base import SamplingParams
+    from relaxrl.engines.hf_generation import HFGenerationEngine
+    from relaxrl.models.tiny import build_tokenizer
+
+    tok = build_tokenizer()
+    model = _model(vocab=3001)
+    engine = HFGenerationEngine(model, tok)
+    seen = {}
+    original = engine.model.generate
+
+    def spy(**kwargs):
+        seen.update(kwargs)
+        return original(**kwargs)
+
+    engine.model.generate = spy
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [13]]
+    gens = engine.generate(prompts, SamplingParams(temperature=temperature, max_new_tokens=6, seed=3))
+    assert not seen.get("output_logits") and not seen.get("output_scores")
+    seqs = [p + g.response_ids for p, g in zip(prompts, gens)]
+    ids, attn = right_pad(seqs, pad_id=0)
+    with torch.no_grad():
+        ref = token_logprobs(model, ids, attn, temperature)
+    for i, (p, g) in enumerate(zip(prompts, gens)):
+        expected = ref[i, len(p) - 1:len(p) - 1 + len(g.response_ids)]
+        torch.testing.assert_close(torch.tensor(g.logprobs), expected, atol=1e-5, rtol=0)
