@@ -54,7 +54,8 @@ def _math_verify():
         import math_verify
         from math_verify import grader, parser
     except ImportError as e:  # a dependency of the package; only a broken install lacks it
-        raise ImportError("the math verifier needs the math-verify package: pip install 'math-verify>=0.9,<0.10'") from e
+        raise ImportError("the math verifier needs the math-verify package: "
+                          "pip install 'math-verify>=0.9,<0.10'") from e
     # Its timeouts are off on purpose (see above): do not warn about it on every replica.
     parser.TIMEOUT_WARNING_SHOWN = grader.TIMEOUT_WARNING_SHOWN = True
     return math_verify

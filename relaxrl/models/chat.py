@@ -9,7 +9,8 @@ from typing import Any, Mapping, Optional, Union
 
 PLACEHOLDER = "{prompt}"
 NO_TEMPLATE_FIX = ('set env.prompt_template (e.g. env.prompt_template="Question: {prompt}\\nAnswer:") to prompt '
-                   "a base model, or use a chat/instruct model (or one whose tokenizer_config.json has a chat_template)")
+                   "a base model, or use a chat/instruct model (or one whose tokenizer_config.json has a "
+                   "chat_template)")
 
 
 def has_chat_template(model_dir: Union[str, Path]) -> bool:
