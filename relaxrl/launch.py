@@ -205,6 +205,7 @@ def start_roles(cfg: DictConfig, model_dir: str, required_fields: tuple[str, ...
             max_staleness=cfg.rollout.max_staleness,
             required_fields=required_fields,
             admit_ahead=cfg.rollout.admit_ahead_steps,
+            total_groups=cfg.trainer.steps * cfg.rollout.groups_per_step,
         )
     )
     lora = plain(cfg.model.lora) if cfg.model.lora.enabled else None

@@ -85,6 +85,7 @@ class StalenessQueue:
         max_staleness: int,
         required_fields: Sequence[str] = (),
         admit_ahead: int = 0,
+        total_groups: Optional[int] = None,
     ) -> None:
         if groups_per_step < 1 or group_size < 1 or max_staleness < 0 or admit_ahead < 0:
             raise ValueError(
@@ -92,6 +93,9 @@ class StalenessQueue:
                 f"{groups_per_step}, {group_size}, {max_staleness}, {admit_ahead}"
             )
         self.admit_ahead = admit_ahead
+        # The groups the whole run trains on (steps x groups_per_step): admission stops there (net
+        # of dropped groups), so the last steps do not set off generation nothing will train on.
+        self.total_groups = total_groups
         self.groups_per_step = groups_per_step
         self.group_size = group_size
         self.max_staleness = max_staleness
@@ -127,6 +131,8 @@ class StalenessQueue:
         """The lowest weight version a new group may be admitted for (current ... current +
         ``admit_ahead``), or None if every level is full."""
         net = self.admitted - self.dropped_groups
+        if self.total_groups is not None and net >= self.total_groups:
+            return None
         for level in range(self.version, self.version + self.admit_ahead + 1):
             if net - sum(c for lvl, c in self._ahead.items() if lvl > level) < self.capacity(level):
                 return level

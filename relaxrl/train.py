@@ -23,6 +23,9 @@ def summary_line(s: dict) -> str:
         f"relaxrl summary: steps={s['steps']} wall_s={s['wall_s']:.1f} reward_first={s['reward_first']:.3f} "
         f"reward_last={s['reward_last']:.3f} max_staleness_seen={s['max_staleness_seen']} dropped={s['dropped']}"
         f" trainer_restarts={s.get('trainer_restarts', 0)}"  # lost trainers restored in the run (driver.run)
+        # Admitted and never trained nor dropped: in flight when the run ended (admission stops at
+        # the run's total, so this is what a drop near the end let in, or a producer's last request).
+        f" untrained={(s.get('accounting') or {}).get('in_flight_samples') or 0}"
     )
 
 

@@ -515,3 +515,14 @@ def test_closed_below_comes_with_its_own_batch_when_the_next_step_is_asked_ahead
         assert ledger.duplicates(uids) == []
         ledger.record(uids, batch.closed_below)
     assert ledger.count == 8
+
+
+def test_admission_stops_at_the_runs_total_and_a_drop_gives_the_slot_back():
+    """The last steps must not set off generation that nothing will train on (16 of 40 samples in
+    one run were generated and never trained before admission stopped at the run's total)."""
+    q = StalenessQueue(groups_per_step=2, group_size=1, max_staleness=4, total_groups=3)
+    assert q.capacity() == 10  # the staleness bound alone would admit 10
+    seqs = q.admit_up_to(10)
+    assert seqs == [0, 1, 2] and not q.can_admit()
+    q.abandon(group_name(1), "error_test")
+    assert q.can_admit() and q.admit_up_to(10) == [3]
