@@ -46,7 +46,8 @@ class DomainTeacher:
             raise KeyError(f"no teacher for domain {domain!r}; teachers: {sorted(self.paths)}")
         self.loads[domain] += 1
         return await asyncio.to_thread(
-            HFGenerationEngine.from_pretrained, self.paths[domain], dtype=self.dtype, torch_threads=self.torch_threads
+            HFGenerationEngine.from_pretrained, self.paths[domain], dtype=self.dtype, torch_threads=self.torch_threads,
+            role=f"teacher of domain {domain!r}",
         )
 
     async def score(self, samples: list[Sample], top_k: Optional[int] = None, route: Optional[Route] = None) -> Any:

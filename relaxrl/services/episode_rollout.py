@@ -65,7 +65,8 @@ class EpisodeRollout:
 
         quiet_replica_logs()
         set_threads(torch_threads)
-        self.engine = HFGenerationEngine.from_pretrained(model_dir, dtype=dtype, torch_threads=torch_threads)
+        self.engine = HFGenerationEngine.from_pretrained(model_dir, dtype=dtype, torch_threads=torch_threads,
+                                                         role="episode rollout")
         self.tokenizer = self.engine.tokenizer
         self.weights = WeightFollower(self.engine, store_name, namespace)
         self.env_cfg = dict(env)

@@ -64,7 +64,7 @@ class Teacher:
             from relaxrl.engines.hf_generation import HFGenerationEngine
 
             self._engines[name] = HFGenerationEngine.from_pretrained(
-                self.paths[name], dtype=self.dtype, torch_threads=self.torch_threads
+                self.paths[name], dtype=self.dtype, torch_threads=self.torch_threads, role=f"teacher {name!r}"
             )
         return self._engines[name]
 
