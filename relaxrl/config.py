@@ -184,6 +184,11 @@ class TrainerConfig:
     # sharing its cores with generation runs slower). Empty: no pinning.
     cpus: list[int] = field(default_factory=list)
     checkpoint_every: int = 0  # steps between checkpoints; 0: only the final one
+    # Held-out evaluation (services/evaluator.py): the env's eval split at step 0, every eval_every
+    # steps and the last, greedy and sampled at rollout.temperature, logged as eval/*. 0: off.
+    eval_every: int = 0
+    eval_max_tasks: int = 0  # evaluate the first this many eval tasks; 0: the whole split
+    eval_num_gpus: float = 0.0  # the evaluator replica's GPUs
     save_final: bool = True
     get_batch_timeout_s: float = 600.0  # fail loudly instead of waiting forever for data
     engine: str = "torch"  # torch (embedded default) | deepspeed (production; see docs/engines.md)

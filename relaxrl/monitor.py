@@ -17,6 +17,14 @@ log = logging.getLogger(__name__)
 _BAR_KEYS = {"reward_mean": "reward", "staleness_mean": "stale", "samples_per_s": "samp/s"}
 # extrapolated_opd's schedule and the structured-output env's parse validity, when present
 _BAR_KEYS.update({"algo/lambda": "λ", "algo/lambda_star": "λ*", "algo/p": "p", "algo/b": "b", "info/valid": "valid"})
+# held-out evaluation (trainer.eval_every): greedy and sampled reward, shown until the next one
+_BAR_KEYS.update({"eval/reward_greedy": "eval", "eval/reward_sampled": "eval~"})
+
+
+def bar_postfix(shown: dict[str, str], metrics: dict[str, Any]) -> dict[str, str]:
+    """The progress bar's fields after ``metrics``: each ``_BAR_KEYS`` value it holds, and the last
+    value of the others, so a metric logged every few steps (eval) stays on the bar in between."""
+    return {**shown, **{label: f"{metrics[k]:.3g}" for k, label in _BAR_KEYS.items() if k in metrics}}
 
 
 @contextmanager
@@ -37,6 +45,7 @@ class Monitor:
         self._bar = tqdm(total=total_steps, desc="relaxrl", unit="step", disable=not cfg.logger.progress,
                          dynamic_ncols=True)
         self._wandb = self._start_wandb(cfg, run_dir) if cfg.logger.name == "wandb" else None
+        self._postfix: dict[str, str] = {}
 
     @staticmethod
     def _start_wandb(cfg: DictConfig, run_dir: str) -> Any:
@@ -56,13 +65,17 @@ class Monitor:
     def wandb_dir(self) -> Optional[str]:
         return None if self._wandb is None else self._wandb.dir
 
-    def log(self, step: int, metrics: dict[str, Any]) -> None:
+    def log(self, step: int, metrics: dict[str, Any], advance: bool = True) -> None:
+        """One line of metrics.jsonl (and W&B) for ``step``; ``advance``: the step is done (the bar
+        moves on; False for what is logged before step 1, e.g. step 0's evaluation)."""
         flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
         self._file.write(json.dumps({"step": step, **flat}, default=float) + "\n")
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in flat.items() if not isinstance(v, str)}, step=step)
-        self._bar.set_postfix({label: f"{metrics[k]:.3g}" for k, label in _BAR_KEYS.items() if k in metrics})
-        self._bar.update(1)
+        self._postfix = bar_postfix(self._postfix, metrics)
+        self._bar.set_postfix(self._postfix)
+        if advance:
+            self._bar.update(1)
 
     def close(self, summary: Optional[dict[str, Any]] = None) -> None:
         self._bar.close()

@@ -26,7 +26,26 @@ def summary_line(s: dict) -> str:
         # Admitted and never trained nor dropped: in flight when the run ended (admission stops at
         # the run's total, so this is what a drop near the end let in, or a producer's last request).
         f" untrained={(s.get('accounting') or {}).get('in_flight_samples') or 0}"
+        + (f" eval_greedy={s['eval/reward_greedy']:.3f} eval_sampled={s['eval/reward_sampled']:.3f}"
+           if "eval/reward_greedy" in s else "")  # trainer.eval_every: the last held-out evaluation
     )
+
+
+class StepHooks:
+    """Several ``driver.StepHook``s as one (e.g. a pipeline stage's evaluation and the run's held-out
+    one), called in order with their metrics merged; due at a step when any of them is."""
+
+    def __init__(self, *hooks) -> None:
+        self.hooks = [h for h in hooks if h is not None]
+
+    def due(self, step: int) -> bool:
+        return any(getattr(h, "due", lambda _: True)(step) for h in self.hooks)
+
+    async def __call__(self, roles, step: int, metrics: dict) -> dict:
+        out: dict = {}
+        for hook in self.hooks:
+            out.update(await hook(roles, step, metrics))
+        return out
 
 
 def run_experiment(cfg: DictConfig, on_step=None) -> dict:
@@ -35,6 +54,7 @@ def run_experiment(cfg: DictConfig, on_step=None) -> dict:
     from relaxrl.config_check import (check_known_keys, check_model_dir, check_trainer, fill_from_rollout,
                                       prompt_template_of)
     from relaxrl.envs.registry import make_env
+    from relaxrl.evaluation import check_heldout
 
     check_known_keys(cfg, Config)  # a key added with '+' that nothing reads is an error, not a no-op
     fill_from_rollout(cfg)  # algorithm.loss_agg_len=0: rollout.max_new_tokens (Dr.GRPO's constant)
@@ -44,6 +64,7 @@ def run_experiment(cfg: DictConfig, on_step=None) -> dict:
     # and the engines below: in seconds, with one error, instead of minutes later in a replica's log.
     check_model_dir(cfg, multi_turn=cfg.algorithm.name == "dagger")
     env = make_env(**OmegaConf.to_container(cfg.env, resolve=True))
+    heldout = check_heldout(cfg, env)  # trainer.eval_every: its eval split exists and the settings fit
 
     from relaxrl import checkpoint, launch
     from relaxrl.algorithms import make_algorithm
@@ -52,6 +73,7 @@ def run_experiment(cfg: DictConfig, on_step=None) -> dict:
     from relaxrl.models.loading import load_tokenizer
     from relaxrl.monitor import Monitor, phase
     from relaxrl.services.common import check_cpus, keep_off_cpus, restore_cpus
+    from relaxrl.services.evaluator import HeldoutEval, delete_evaluator, deploy_evaluator
 
     if cfg.algorithm.name == "dagger":  # multi-turn episodes: their own loop (relaxrl/episodic/)
         from relaxrl.episodic.driver import run_episodic_experiment
@@ -83,19 +105,32 @@ def run_experiment(cfg: DictConfig, on_step=None) -> dict:
         roles = launch.start_roles(cfg, model_dir, tuple(algorithm.required_fields))
     monitor = Monitor(cfg, run_dir, cfg.trainer.steps)
     summary = None
+    eval_app, heldout_eval = None, None
     affinity = keep_off_cpus(launch.reserved_cpus(cfg))  # the driver too keeps off them, for this run
     try:
+        if heldout is not None:
+            with phase(f"starting the evaluator ({len(heldout)} held-out tasks, every {cfg.trainer.eval_every} "
+                       "steps)"):
+                eval_app, evaluator = deploy_evaluator(cfg, model_dir, launch.plain(cfg.env), roles.run_id,
+                                                       launch.reserved_cpus(cfg))
+            heldout_eval = HeldoutEval(evaluator, monitor, every=cfg.trainer.eval_every, last_step=cfg.trainer.steps,
+                                       temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
+            on_step = StepHooks(on_step, heldout_eval)
         encoder = PromptEncoder(tokenizer, template=prompt_template_of(cfg))  # env.prompt_template or the chat template
         result = asyncio.run(run(roles, cfg, env, encoder, monitor,
                                  resume=resume, max_prompt_tokens=max_prompt_tokens, on_step=on_step))
         summary = result.summary()
         summary["run_dir"] = run_dir
         summary["wandb_dir"] = monitor.wandb_dir
+        if heldout_eval is not None and heldout_eval.history:  # the last held-out evaluation's eval/* metrics
+            summary.update({k: v for k, v in heldout_eval.history[-1].items() if k != "step"})
     finally:
         try:
             monitor.close(summary)
         finally:  # a logger failure must not leave the run's replicas holding the cluster
             restore_cpus(affinity)
+            if eval_app is not None:
+                delete_evaluator(eval_app)
             roles.shutdown()
     print(
         f"relaxrl overlap: gen_busy={summary['gen_busy_frac']:.3f} train_busy={summary['train_busy_frac']:.3f} "
