@@ -14,8 +14,9 @@ same number of optimizer steps on the same number of training episodes per colle
 
 Success is measured on held-out seeds (never trained on) with the student alone, sampling at the
 rollout temperature as it does in training (``success``) and greedily (``success_greedy``).
-Ends with ``dagger_vs_bc: dagger_success=D bc_success=B grpo_success=G labels=N`` and writes the
-success-vs-labels plot (docs/dagger_success_vs_labels[_<env>].png).
+Ends with ``dagger_vs_bc: dagger_success=D bc_success=B grpo_success=G labels=N``, then writes the
+success-vs-labels plot (docs/dagger_success_vs_labels[_<env>].png); without matplotlib it prints how to
+install it (``pip install -e '.[bench]'``) instead.
 """
 
 from __future__ import annotations
@@ -27,8 +28,11 @@ import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.plotting import save_plot  # noqa: E402  (after the path insert)
 
 ENVS = {
     "calculator": {"name": "calculator", "ops": ["+"], "min_operand": 10, "max_operand": 99, "max_turns": 4,
@@ -66,12 +70,12 @@ def run_method(method: str, a: argparse.Namespace, model_dir: str) -> dict:
             "wall_s": time.time() - t0, "cpu_s": time.process_time() - c0}
 
 
-def plot(results: dict, a: argparse.Namespace, path: str) -> None:
-    import matplotlib
+def draw(results: dict, env: str) -> Callable:
+    """The figure: success vs labels (GRPO, which takes none, as a line) and success vs steps."""
+    return lambda plt: _draw(plt, results, env)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def _draw(plt, results: dict, env: str):
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     styles = {"dagger": ("DAgger", "C0"), "bc": ("BC (teacher-only episodes)", "C1"), "grpo": ("GRPO (outcome only)", "C2")}
     for m, r in results.items():
@@ -86,7 +90,7 @@ def plot(results: dict, a: argparse.Namespace, path: str) -> None:
         right.plot(steps, ys, "o-", color=color, label=name)
     left.set_xlabel("teacher labels collected")
     left.set_ylabel("held-out success (student alone)")
-    left.set_title(f"{a.env}: success vs teacher labels")
+    left.set_title(f"{env}: success vs teacher labels")
     right.set_xlabel("optimizer steps")
     right.set_title("success vs steps (same steps for all)")
     for ax in (left, right):
@@ -94,8 +98,35 @@ def plot(results: dict, a: argparse.Namespace, path: str) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=110)
+    return fig
+
+
+def summary_line(results: dict) -> str:
+    """The last line: each method's held-out success (nan for a method not run) and DAgger's labels."""
+    succ = {m: results[m]["final"]["success"] if m in results else float("nan") for m in ("dagger", "bc", "grpo")}
+    labels = results.get("dagger", results.get("bc", {})).get("labels", 0)
+    return (f"dagger_vs_bc: dagger_success={succ['dagger']:.3f} bc_success={succ['bc']:.3f} "
+            f"grpo_success={succ['grpo']:.3f} labels={labels}")
+
+
+def report(results: dict, a: argparse.Namespace, wall_s: float) -> None:
+    """Table, curves and the summary line first; then the JSON and the plot (skipped without matplotlib),
+    so a missing plotting library never costs the runs' results."""
+    print(f"{'method':8} {'labels':>7} {'episodes':>8} {'success':>8} {'greedy':>7} {'cpu_s':>7}")
+    for m, r in results.items():
+        f = r["final"]
+        print(f"{m:8} {r['labels']:7d} {r['episodes']:8d} {f['success']:8.3f} {f['success_greedy']:7.3f} "
+              f"{r['cpu_s']:7.1f}")
+    for m, r in results.items():
+        print(f"curve {m}: " + " ".join(f"{p['labels']}:{p['success']:.2f}/{p['success_greedy']:.2f}"
+                                          for p in r["curve"]))
+    print(f"bench wall_s={wall_s:.0f}")
+    print(summary_line(results), flush=True)
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump({"args": vars(a), "results": results}, fh, indent=1)
+    if a.plot:
+        save_plot("dagger_vs_bc", a.plot, draw(results, a.env))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -142,25 +173,7 @@ def main(argv: list[str] | None = None) -> None:
         with ProcessPoolExecutor(max_workers=a.workers) as pool:
             futures = {m: pool.submit(run_method, m, a, model_dir) for m in methods}
             results = {m: f.result() for m, f in futures.items()}
-    print(f"{'method':8} {'labels':>7} {'episodes':>8} {'success':>8} {'greedy':>7} {'cpu_s':>7}")
-    for m, r in results.items():
-        f = r["final"]
-        print(f"{m:8} {r['labels']:7d} {r['episodes']:8d} {f['success']:8.3f} {f['success_greedy']:7.3f} "
-              f"{r['cpu_s']:7.1f}")
-    for m, r in results.items():
-        print(f"curve {m}: " + " ".join(f"{p['labels']}:{p['success']:.2f}/{p['success_greedy']:.2f}"
-                                          for p in r["curve"]))
-    if a.plot:
-        plot(results, a, a.plot)
-        print(f"plot: {a.plot}")
-    if a.json:
-        with open(a.json, "w") as fh:
-            json.dump({"args": vars(a), "results": results}, fh, indent=1)
-    succ = {m: results[m]["final"]["success"] if m in results else float("nan") for m in ("dagger", "bc", "grpo")}
-    labels = results.get("dagger", results.get("bc", {})).get("labels", 0)
-    print(f"bench wall_s={time.time() - t0:.0f}")
-    print(f"dagger_vs_bc: dagger_success={succ['dagger']:.3f} bc_success={succ['bc']:.3f} "
-          f"grpo_success={succ['grpo']:.3f} labels={labels}")
+    report(results, a, time.time() - t0)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,9 @@
    validity first falls below 90% of the λ = 1 run), and the last line
 
    lambda_cliff: predicted=P observed_lo=A observed_hi=B scheduler_validity=V baseline_validity=W ...
+
+5. Then plot validity and accuracy vs λ with the predicted λ* drawn (``--plot``, by default
+   ``<out>/lambda_cliff.png``; without matplotlib it prints ``pip install -e '.[bench]'`` instead).
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny models: one thread each (before torch loads)
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench import plot_lambda_cliff  # noqa: E402  (after the path insert)
+from bench.plotting import save_plot  # noqa: E402
 
 BASE_GRID = [0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0]
 CLIFF_FRACTION = 0.9  # the cliff: validity below this fraction of the λ = 1 run's
@@ -186,6 +192,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--tail", type=float, default=0.25, help="fraction of final steps the metrics average over")
     ap.add_argument("--out", type=str, default="runs/lambda_cliff", help="run dirs and results.json go here")
     ap.add_argument("--seed", type=int, default=0, help="the same prompts and sampling seeds for every run")
+    ap.add_argument("--plot", type=str, default=None,
+                    help="where the validity/accuracy-vs-λ plot goes (default: <out>/lambda_cliff.png); '' for none")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides applied to every run")
     args = ap.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -232,12 +240,26 @@ def main(argv: list[str] | None = None) -> dict:
               "observed": [lo, hi], "predicted": predicted, "prediction_inside": inside,
               "scheduler_validity_ratio": sched["validity"] / base["validity"]}
     (out / "results.json").write_text(json.dumps(report, indent=1, default=float))
-    print(f"prediction inside observed interval: {inside}; scheduler validity / baseline validity = "
-          f"{report['scheduler_validity_ratio']:.3f}; results in {out / 'results.json'}")
-    print(f"lambda_cliff: predicted={predicted:.3f} observed_lo={lo:.2f} observed_hi={hi:.2f} "
-          f"scheduler_validity={sched['validity']:.3f} baseline_validity={base['validity']:.3f} "
-          f"scheduler_accuracy={sched['accuracy']:.3f} baseline_accuracy={base['accuracy']:.3f}", flush=True)
+    finish(report, out / "results.json", out / "lambda_cliff.png" if args.plot is None else args.plot)
     return report
+
+
+def summary_line(report: dict) -> str:
+    base, sched = report["results"]["1.0"], report["scheduler"]
+    lo, hi = report["observed"]
+    return (f"lambda_cliff: predicted={report['predicted']:.3f} observed_lo={lo:.2f} observed_hi={hi:.2f} "
+            f"scheduler_validity={sched['validity']:.3f} baseline_validity={base['validity']:.3f} "
+            f"scheduler_accuracy={sched['accuracy']:.3f} baseline_accuracy={base['accuracy']:.3f}")
+
+
+def finish(report: dict, results_path, plot_path) -> None:
+    """The verdict and the summary line first, then the plot (skipped, with the install hint, without
+    matplotlib), so the sweep's numbers are printed whatever happens to the plot."""
+    print(f"prediction inside observed interval: {report['prediction_inside']}; scheduler validity / baseline "
+          f"validity = {report['scheduler_validity_ratio']:.3f}; results in {results_path}")
+    print(summary_line(report), flush=True)
+    if plot_path:
+        save_plot("lambda_cliff", str(plot_path), plot_lambda_cliff.draw(report), dpi=120)
 
 
 if __name__ == "__main__":
