@@ -104,10 +104,10 @@ def check_trainer(cfg: DictConfig) -> None:
     if tr.mini_batches < 1 or tr.ppo_epochs < 1 or tr.max_tokens_per_micro_batch < 0:
         raise ValueError(f"trainer.mini_batches ({tr.mini_batches}) and trainer.ppo_epochs ({tr.ppo_epochs}) must be "
                          f">= 1 and trainer.max_tokens_per_micro_batch ({tr.max_tokens_per_micro_batch}) >= 0")
-    if (updates > 1 or tr.max_tokens_per_micro_batch) and (tr.engine != "torch" or tr.num_ranks > 1):
+    # The torch engine does them per data-parallel rank too (each rank its share of each mini-batch).
+    if (updates > 1 or tr.max_tokens_per_micro_batch) and tr.engine != "torch":
         raise ValueError("trainer.mini_batches, trainer.ppo_epochs and trainer.max_tokens_per_micro_batch are "
-                         f"implemented by trainer.engine=torch with one rank (got engine={tr.engine}, "
-                         f"num_ranks={tr.num_ranks})")
+                         f"implemented by trainer.engine=torch (got engine={tr.engine})")
     if tr.mini_batches > cfg.rollout.groups_per_step:
         raise ValueError(f"trainer.mini_batches={tr.mini_batches} exceeds rollout.groups_per_step="
                          f"{cfg.rollout.groups_per_step}: a mini-batch holds whole groups")

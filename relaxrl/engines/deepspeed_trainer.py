@@ -27,6 +27,7 @@ import torch
 from relaxrl.engines.base import LossFn, WeightPayload
 from relaxrl.engines.device import log_model
 from relaxrl.engines.logprobs import batched_token_logprobs, token_logprobs
+from relaxrl.engines.microbatch import rank_micro_batches, row_lengths, take_rows
 from relaxrl.engines.options import DeepSpeedOptions
 from relaxrl.engines.payload import pack_weights
 from relaxrl.engines.torch_trainer import (
@@ -36,6 +37,7 @@ from relaxrl.engines.torch_trainer import (
     complete_model_dir,
     load_checkpoint_weights,
     note_skipped,
+    sum_over_ranks,
 )
 from relaxrl.models.lora import LoraConfig, adapter_state_dict, apply_lora, is_lora
 from relaxrl.sample import TensorBatch
@@ -175,31 +177,36 @@ class DeepSpeedTrainerEngine:
     def device(self) -> torch.device:
         return self.engine.device
 
-    def _rank_rows(self, batch: TensorBatch) -> TensorBatch:
-        """This rank's contiguous share of the rows (data parallelism); all of it on one rank."""
-        if self.world_size == 1:
-            return batch
-        per = -(-batch.size // self.world_size)
-        return batch.rows(self.rank * per, min(batch.size, (self.rank + 1) * per))
+    def _rank_plans(self, batch: TensorBatch) -> list[list[int]]:
+        """This rank's micro-batches (rows of ``batch``), as many on every rank; ``[]`` is a filler
+        (ZeRO-3 gathers parameters in every forward and reduces gradients at the boundary: a rank
+        that ran fewer passes than the others would hang them)."""
+        return rank_micro_batches(row_lengths(batch), self.world_size, self.rank, self.micro_batch_size)
 
     def train_step(self, batch: TensorBatch, loss_fn: LossFn) -> dict[str, float]:
         """One optimizer step over ``batch`` (this rank's rows, micro-batched, one boundary)."""
         start_time = time.perf_counter()
         self.engine.train()
-        local = self._rank_rows(batch)
-        starts = list(range(0, local.size, self.micro_batch_size)) or [0]
-        total_loss, weighted = 0.0, defaultdict(float)
+        plans = self._rank_plans(batch)
+        total_loss, weighted, local_rows = 0.0, defaultdict(float), 0
         lr = self.scheduler.get_last_lr()[0]
-        for i, start in enumerate(starts):
-            mb = batch_to(local.rows(start, start + self.micro_batch_size), self.device)
-            self.engine.set_gradient_accumulation_boundary(i == len(starts) - 1)
+        for i, rows in enumerate(plans):
+            mb = batch_to(take_rows(batch, rows or [0]), self.device)  # a filler: row 0, at weight 0
+            self.engine.set_gradient_accumulation_boundary(i == len(plans) - 1)
             logp = token_logprobs(self.engine, mb.input_ids, mb.attention_mask, self.temperature)
             loss, metrics = loss_fn(logp, mb)
             # DeepSpeed averages gradients over ranks; the losses are whole-batch sums of shares.
-            self.engine.backward(loss * self.world_size)
+            self.engine.backward(loss * (self.world_size if rows else 0.0))
+            if not rows:
+                continue
             total_loss += float(loss.detach())
+            local_rows += len(rows)
             for k, v in metrics.items():
                 weighted[k] += float(v) * mb.size
+        if self.world_size > 1:  # every rank reports the whole batch's loss and row-weighted metrics
+            weighted = sum_over_ranks(weighted, self.device)
+            total_loss = sum_over_ranks({"loss": total_loss}, self.device)["loss"]
+            local_rows = batch.size
         plain = self._plain_optimizer()
         # ZeRO 0 in fp32 keeps plain .grad tensors and reports no norm: measure it before the step.
         pre_norm = None
@@ -217,7 +224,7 @@ class DeepSpeedTrainerEngine:
         grad_norm = self.engine.get_global_grad_norm() if pre_norm is None else pre_norm
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
         self.version += 1
-        out = {k: v / max(local.size, 1) for k, v in weighted.items()}
+        out = {k: v / max(local_rows, 1) for k, v in weighted.items()}
         out.update(
             loss=total_loss,
             grad_norm=grad_norm,

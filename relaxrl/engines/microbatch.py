@@ -5,6 +5,11 @@ token budget (``trainer.max_tokens_per_micro_batch``) rows are bucketed by lengt
 first and taken greedily while ``rows x widest <= budget``, and each micro-batch is cut to its own
 widest row. Losses are normalised over the whole batch (``prepare``), so they are additive over any
 row subsets, and the step's loss and gradient do not depend on how its rows are grouped.
+
+Data parallelism (``rank_micro_batches``): every rank holds the whole batch and trains its share of
+the rows; the shares' losses add up to the batch's, and every rank runs the same number of
+micro-batches (fillers where a rank is short), since ZeRO-3's gathers and the gradient reduction
+are collectives that every rank must enter equally often.
 """
 
 from __future__ import annotations
@@ -35,6 +40,35 @@ def plan_micro_batches(lengths: Sequence[int], max_rows: int, max_tokens: int = 
         else:
             plans.append([i])
     return plans
+
+
+def rank_micro_batches(lengths: Sequence[int], world_size: int, rank: int, micro_batch_size: int,
+                       max_tokens: int = 0) -> list[list[int]]:
+    """This rank's micro-batches (row indices of the whole batch) under data parallelism.
+
+    Rows are dealt longest first, each to the rank with the fewest tokens so far among those with
+    room (row counts differ by at most one, so no rank is empty while there are rows for it), then
+    planned per rank as ``plan_micro_batches`` does. Every rank gets the same number of
+    micro-batches: a rank with fewer gets empty lists at the end, fillers the engine runs at zero
+    weight (or skips where no collective runs inside a pass). Deterministic, so the ranks agree
+    without exchanging anything. One rank: the plain plan."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in a world of {world_size} ranks")
+    if world_size == 1:
+        return plan_micro_batches(lengths, micro_batch_size, max_tokens)
+    base, extra = divmod(len(lengths), world_size)  # `extra` ranks get one row more than `base`
+    shares: list[list[int]] = [[] for _ in range(world_size)]
+    tokens = [0] * world_size
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        bigger = sum(len(s) > base for s in shares)
+        room = [r for r in range(world_size) if len(shares[r]) < base or (len(shares[r]) == base and bigger < extra)]
+        r = min(room, key=lambda r: (tokens[r], r))
+        shares[r].append(i)
+        tokens[r] += lengths[i]
+    plans = [[[mine[j] for j in p] for p in plan_micro_batches([lengths[i] for i in mine], micro_batch_size,
+                                                                max_tokens)] for mine in shares]
+    count = max(len(p) for p in plans)
+    return plans[rank] + [[] for _ in range(count - len(plans[rank]))]
 
 
 def row_lengths(batch: TensorBatch) -> list[int]:

@@ -1,4 +1,6 @@
-"""A plain-PyTorch trainer engine: AdamW, linear warmup, micro-batched gradient accumulation."""
+"""A plain-PyTorch trainer engine: AdamW, linear warmup, micro-batched gradient accumulation, and
+data parallelism over an initialised ``torch.distributed`` group (each rank trains its share of the
+rows, gradients are summed over the ranks before clipping, so every rank takes the same step)."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from safetensors.torch import load_file
 from relaxrl.engines.base import LossFn, PrepareFn, WeightPayload
 from relaxrl.engines.device import dtype_name, log_model, resolve_device, to_dtype
 from relaxrl.engines.lean_logprobs import selected_token_logprobs
-from relaxrl.engines.microbatch import plan_micro_batches, row_lengths, split_groups, take_rows
+from relaxrl.engines.microbatch import rank_micro_batches, row_lengths, split_groups, take_rows
 from relaxrl.engines.payload import cast_state_dict, load_full_state_dict, pack_weights
 from relaxrl.models.lora import LoraConfig, adapter_state_dict, apply_lora, is_lora, load_adapter_state_dict
 from relaxrl.sample import TensorBatch
@@ -106,6 +108,52 @@ def complete_model_dir(model_dir: str, source_dir: Optional[str], dtype: torch.d
         shutil.copy2(gen, model_dir)
 
 
+def dist_world() -> tuple[int, int]:
+    """``(world_size, rank)`` of the initialised default ``torch.distributed`` group, else ``(1, 0)``."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def all_reduce_grads(params: list[torch.nn.Parameter], bucket_numel: int = 1 << 25) -> None:
+    """Sum the gradients of ``params`` over the default group's ranks, in place: flat buckets of one
+    dtype and device (one collective per bucket, not per tensor). A rank that computed no gradient
+    for a parameter (no rows this update) contributes zeros, so every rank enters every collective."""
+    import torch.distributed as dist
+
+    buckets: dict[tuple, list[list[torch.Tensor]]] = defaultdict(list)
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        runs = buckets[(p.grad.dtype, p.grad.device)]
+        if not runs or sum(g.numel() for g in runs[-1]) + p.grad.numel() > bucket_numel:
+            runs.append([])
+        runs[-1].append(p.grad)
+    for runs in buckets.values():
+        for grads in runs:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat)
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+
+
+def sum_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """``values`` summed over the default group's ranks (float64), keyed by the union of the ranks'
+    keys: a metric one rank never saw (no rows of its kind) counts 0 there rather than hanging."""
+    import torch.distributed as dist
+
+    keys: list = [None] * dist.get_world_size()
+    dist.all_gather_object(keys, sorted(values))
+    names = sorted(set().union(*keys))
+    summed = torch.tensor([float(values.get(k, 0.0)) for k in names], dtype=torch.float64, device=device)
+    dist.all_reduce(summed)
+    return dict(zip(names, summed.tolist()))
+
+
 def note_skipped(step: int, loss: float, grad_norm: float, skipped_so_far: int) -> None:
     """The WARNING of an update dropped for a non-finite loss or gradient norm."""
     cause = f"loss={loss}" if not math.isfinite(loss) else f"grad_norm={grad_norm}"
@@ -120,7 +168,14 @@ class TorchTrainerEngine:
     updates: float32 (the default) keeps fp32 master weights and runs forward and backward under
     ``torch.autocast`` in ``dtype`` when that is lower (bf16: an lr 1e-6 AdamW step on bf16
     weights changed ~2% of them, the rest rounded away); ``train_dtype=dtype`` trains the model's
-    weights themselves."""
+    weights themselves.
+
+    Data parallelism: built in every process of an initialised ``torch.distributed`` group (world
+    size > 1; ``services/trainer_group.py`` starts one), each rank is given the same whole batch and
+    trains its share of each (mini-)batch's rows (``rank_micro_batches``). Losses are normalised over
+    the whole batch, so the shares' gradients add up: they are summed over the ranks before clipping
+    and every rank takes the same AdamW step; metrics are summed too, so each rank reports the whole
+    batch's. Rank 0 alone writes checkpoints."""
 
     def __init__(
         self,
@@ -177,6 +232,7 @@ class TorchTrainerEngine:
         self.max_tokens_per_micro_batch = max(0, int(max_tokens_per_micro_batch))
         self.mini_batches, self.ppo_epochs = int(mini_batches), int(ppo_epochs)
         self.temperature = temperature
+        self.world_size, self.rank = dist_world()
         self.version = 0
         self.skipped_updates = 0  # updates dropped for a non-finite loss or gradient norm
         note = ("fp32 master weights" if self.autocast_dtype is not None
@@ -232,6 +288,9 @@ class TorchTrainerEngine:
                 updates.append(self._update(mini, loss_fn, weighted, totals))
         self.scheduler.step()
         self.version += 1
+        if self.world_size > 1:  # each rank holds its rows' sums: report the whole batch's on every rank
+            weighted = sum_over_ranks(weighted, self.device)
+            totals = defaultdict(float, sum_over_ranks(totals, self.device))
         rows = batch.size * self.ppo_epochs
         out = {k: v / rows for k, v in weighted.items()}
         if totals["entropy_tokens"]:
@@ -251,11 +310,15 @@ class TorchTrainerEngine:
         return out
 
     def _update(self, batch: TensorBatch, loss_fn: LossFn, weighted: dict, totals: dict) -> dict:
-        """One AdamW update over ``batch`` in token-budget micro-batches (gradients accumulated)."""
+        """One AdamW update over ``batch``: this rank's token-budget micro-batches (gradients
+        accumulated), then, with several ranks, gradients and loss summed over them before clipping."""
         self.optimizer.zero_grad(set_to_none=True)
         lengths = row_lengths(batch)
         total_loss = 0.0
-        for rows in plan_micro_batches(lengths, self.micro_batch_size, self.max_tokens_per_micro_batch):
+        for rows in rank_micro_batches(lengths, self.world_size, self.rank, self.micro_batch_size,
+                                       self.max_tokens_per_micro_batch):
+            if not rows:  # a filler: no collective runs inside the forward here, so it needs no pass
+                continue
             mb = batch_to(take_rows(batch, rows), self.device)
             with self._autocast():
                 logp, entropy = selected_token_logprobs(self.model, mb.input_ids, mb.attention_mask, mb.loss_mask,
@@ -270,6 +333,11 @@ class TorchTrainerEngine:
             totals["token_slots"] += float(mb.input_ids.numel())
             for k, v in metrics.items():
                 weighted[k] += float(v) * mb.size
+        if self.world_size > 1:  # before clipping: the norm and the step are the whole batch's, on every rank
+            all_reduce_grads(self.params)
+            summed = torch.tensor([total_loss], dtype=torch.float64, device=self.device)
+            torch.distributed.all_reduce(summed)
+            total_loss = float(summed)  # so every rank makes the same skip decision
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm))
         lr = self.optimizer.param_groups[0]["lr"]
         skipped = not (math.isfinite(grad_norm) and math.isfinite(total_loss))
@@ -309,6 +377,8 @@ class TorchTrainerEngine:
         """Weights (a complete HF model dir in the model's dtype, tokenizer included, or the peft
         adapter dir), optimizer, scheduler, version, RNG, and the fp32 master weights when the
         saved ones are a rounding of them (so a resumed run continues from the master weights)."""
+        if self.rank != 0:  # the ranks hold identical weights and optimizer state: one writer
+            return
         os.makedirs(path, exist_ok=True)
         model_dir = os.path.join(path, MODEL_DIR)
         if self.lora_on:  # the adapter as trained (fp32 under mixed precision: small, and exact)
