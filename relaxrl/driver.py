@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 
 # Awaited with step 0 before training and after every step, while the actor still holds (and has
 # published) that step's weights; returns extra metrics for the step (e.g. periodic evaluation).
+# A hook with a ``due(step) -> bool`` method acts only where it is True (elsewhere it returns {}),
+# and the steps in between keep the trainer's next request sent ahead.
 StepHook = Callable[[Roles, int, dict], Awaitable[dict]]
 
 
@@ -271,10 +273,11 @@ async def train(roles: Roles, cfg: DictConfig, monitor: Monitor, stats: RunResul
     for step in range(stats.start_step + 1, tr.steps + 1):
         response, ahead = ahead or send(version), None
         checkpoint_due = bool(tr.checkpoint_every) and step % tr.checkpoint_every == 0
-        if step < tr.steps and on_step is None and not checkpoint_due:
+        hook_due = on_step is not None and getattr(on_step, "due", lambda _: True)(step)
+        if step < tr.steps and not hook_due and not checkpoint_due:
             # Step k+1 fetches and collates its batch while step k trains, and trains as soon as
             # step k is done: the trainer does not wait on the driver between steps. Not before a
-            # checkpoint or a step hook, which need no batch taken and untrained.
+            # checkpoint or a step hook that is due, which need no batch taken and untrained.
             ahead = send(version + 1)
         try:
             metrics = await response
