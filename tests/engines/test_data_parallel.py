@@ -96,6 +96,17 @@ def test_deepspeed_ranks_run_equal_micro_batch_counts():
         assert all(any(p) for p in plans) or n < world
 
 
+def test_config_check_lets_torch_ranks_do_mini_batches_and_token_budgets():
+    from relaxrl.config_check import check_trainer
+
+    from .test_placement_and_factory import compose_cfg
+
+    check_trainer(compose_cfg("trainer.num_ranks=2", "trainer.mini_batches=2", "trainer.ppo_epochs=2",
+                              "trainer.max_tokens_per_micro_batch=512"))  # refused before: "with one rank"
+    with pytest.raises(ValueError, match="implemented by trainer.engine=torch \\(got engine=deepspeed\\)"):
+        check_trainer(compose_cfg("trainer.engine=deepspeed", "trainer.num_ranks=2", "trainer.mini_batches=2"))
+
+
 # ---- two gloo ranks on CPU against one rank ---------------------------------------------------
 
 ENGINES = {  # name: engine options; "ppo" also runs mini-batches of whole groups under a token budget
@@ -116,7 +127,7 @@ def _step(model, batch, options, on_loss=None):
             on_loss(mb.size)
         return algo.loss(logp, mb)
 
-    engine = TorchTrainerEngine(copy.deepcopy(model), lr=1e-3, seed=0, **options)
+    engine = TorchTrainerEngine(copy.deepcopy(model), lr=1e-4, seed=0, **options)
     prepare = algo.prepare if options.get("mini_batches", 1) > 1 else None
     metrics = engine.train_step(batch, loss, prepare=prepare)
     return metrics, {k: v.detach().clone() for k, v in engine.model.state_dict().items()}
@@ -164,6 +175,6 @@ def test_two_gloo_ranks_take_the_one_rank_step_on_seven_rows(tmp_path):
             print(f"{name}: 2 gloo ranks vs 1: loss {m['metrics']['loss']:.7f} vs {ref_metrics['loss']:.7f}, "
                   f"grad_norm {m['metrics']['grad_norm']:.6f} vs {ref_metrics['grad_norm']:.6f}, "
                   f"max weight diff {diff:.1e}")
-            assert diff < 1e-5, (name, diff)
+            assert diff < 1e-5, (name, diff)  # AdamW's first step is ~lr (1e-4) per weight
         # the ranks took the very same step (identical all-reduced gradients)
         assert all(torch.equal(mine[0]["state"][k], mine[1]["state"][k]) for k in ref_state), name
