@@ -408,6 +408,10 @@ class TorchTrainerEngine:
         else:  # a ZeRO-sharded DeepSpeed checkpoint: its moments are in its own format (deepspeed/)
             log.warning("no torch-format optimizer state in %s: AdamW moments restart", path)
         self.scheduler.load_state_dict(state["scheduler"])
+        # The schedule's lr, also when the optimizer state was not restored (a DeepSpeed checkpoint):
+        # load_state_dict sets the scheduler's step, not the param groups' lr, which the steps use.
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr
         if state.get("master_weights") is not None:
             with torch.no_grad():
                 load_full_state_dict(self.model, {k: v.to(self.train_dtype) for k, v in state["master_weights"].items()})

@@ -98,3 +98,23 @@ def test_decoupled_is_anchored_on_the_step_start_and_differs_from_plain(model):
     diff = max(float((runs["none"][1][n] - runs["decoupled"][1][n]).abs().max()) for n in runs["none"][1])
     assert diff > 1e-4
     assert runs["decoupled"][0]["clip_frac"] > 0  # the later updates moved away from the step's start
+
+
+def test_lr_schedule_carries_over_a_checkpoint_without_optimizer_state(model, tmp_path):
+    """A DeepSpeed (ZeRO) checkpoint has no torch-format AdamW state: the resumed step must still use
+    the schedule's lr (the param groups kept the initial warmup lr, 1/3 of the schedule's)."""
+    from relaxrl.engines.torch_trainer import STATE_FILE
+
+    algo = GRPO(GRPOConfig())
+    src = TorchTrainerEngine(copy.deepcopy(model), lr=1e-2, warmup_steps=3)
+    src.train_step(algo.prepare(uneven_batch(LENGTHS)), algo.loss)
+    src.save_checkpoint(str(tmp_path))
+    state = torch.load(tmp_path / STATE_FILE, weights_only=True)
+    state["optimizer"] = None  # as a ZeRO-sharded checkpoint converted to this layout
+    torch.save(state, tmp_path / STATE_FILE)
+    dst = TorchTrainerEngine(copy.deepcopy(model), lr=1e-2, warmup_steps=3)
+    dst.load_checkpoint(str(tmp_path))
+    m_src = src.train_step(algo.prepare(uneven_batch(LENGTHS)), algo.loss)
+    m_dst = dst.train_step(algo.prepare(uneven_batch(LENGTHS)), algo.loss)
+    assert m_src["lr"] == pytest.approx(2e-2 / 3) and m_dst["lr"] == m_src["lr"]
+    assert dst.optimizer.param_groups[0]["lr"] == pytest.approx(1e-2)  # the next step's, warmup done
