@@ -26,7 +26,8 @@ import torch
 
 from relaxrl.engines.base import LossFn, WeightPayload
 from relaxrl.engines.device import log_model
-from relaxrl.engines.logprobs import batched_token_logprobs, token_logprobs
+from relaxrl.engines.lean_logprobs import batched_token_logprobs
+from relaxrl.engines.logprobs import token_logprobs
 from relaxrl.engines.microbatch import rank_micro_batches, row_lengths, take_rows
 from relaxrl.engines.options import DeepSpeedOptions
 from relaxrl.engines.payload import pack_weights

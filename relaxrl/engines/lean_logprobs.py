@@ -21,7 +21,9 @@ DEFAULT_CHUNK_TOKENS = 256  # positions per output-head chunk: [256, 151936] fp3
 
 
 def causal_lm_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The decoder body and the output head of an HF causal LM (peft-wrapped or not)."""
+    """The decoder body and the output head of an HF causal LM (peft- or DeepSpeed-wrapped or not)."""
+    if not hasattr(model, "get_output_embeddings") and hasattr(model, "module"):
+        model = model.module  # a DeepSpeedEngine: its hooks sit on the module's submodules
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     get_decoder = getattr(base, "get_decoder", None)
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
@@ -90,3 +92,20 @@ def selected_token_logprobs(
         out = out.index_put((rows, cols), torch.cat(parts))
     mean_entropy = entropy / max(int(rows.numel()), 1) if with_entropy else None
     return out, mean_entropy
+
+
+def batched_token_logprobs(model: torch.nn.Module, batch, micro_batch_size: int, temperature: float) -> torch.Tensor:
+    """``[B, T-1]`` float32 log-probs of a ``TensorBatch`` at every real target position (0 on
+    padding), on CPU, no grad, in micro-batches: the trainer engines' ``logprobs``. The model is left
+    in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    parts = []
+    with torch.no_grad():
+        for start in range(0, batch.size, micro_batch_size):
+            mb = batch.rows(start, start + micro_batch_size)
+            logp, _ = selected_token_logprobs(model, mb.input_ids, mb.attention_mask, mb.attention_mask[:, 1:],
+                                              temperature)
+            parts.append(logp.float().cpu())
+    model.train(was_training)
+    return torch.cat(parts)

@@ -36,18 +36,6 @@ def token_logprobs(
     return logits.gather(-1, targets).squeeze(-1) - logits.logsumexp(-1)
 
 
-def batched_token_logprobs(model, batch, micro_batch_size: int, temperature: float) -> torch.Tensor:
-    """``[B, T-1]`` float32 target-token log-probs of a ``TensorBatch`` on CPU, in micro-batches,
-    no grad: the trainer engines' ``logprobs``."""
-    model.eval()
-    parts = []
-    with torch.no_grad():
-        for start in range(0, batch.size, micro_batch_size):
-            mb = batch.rows(start, start + micro_batch_size)
-            parts.append(token_logprobs(model, mb.input_ids, mb.attention_mask, temperature).float().cpu())
-    return torch.cat(parts)
-
-
 def token_logprobs_topk(
     model: torch.nn.Module,
     input_ids: torch.Tensor,

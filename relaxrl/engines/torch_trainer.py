@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from relaxrl.engines.base import LossFn, PrepareFn, WeightPayload
 from relaxrl.engines.device import dtype_name, log_model, resolve_device, to_dtype
-from relaxrl.engines.lean_logprobs import selected_token_logprobs
+from relaxrl.engines.lean_logprobs import batched_token_logprobs, selected_token_logprobs
 from relaxrl.engines.microbatch import rank_micro_batches, row_lengths, split_groups, take_rows
 from relaxrl.engines.payload import cast_state_dict, load_full_state_dict, pack_weights
 from relaxrl.models.lora import LoraConfig, adapter_state_dict, apply_lora, is_lora, load_adapter_state_dict
@@ -352,17 +352,8 @@ class TorchTrainerEngine:
     def logprobs(self, batch: TensorBatch) -> torch.Tensor:
         """``[B, T-1]`` target-token log-probs (at the trainer's temperature), no grad, on CPU: every
         real target position, the output head a chunk of positions at a time."""
-        was_training = self.model.training
-        self.model.eval()
-        parts = []
-        with torch.no_grad(), self._autocast():
-            for start in range(0, batch.size, self.micro_batch_size):
-                mb = batch.rows(start, start + self.micro_batch_size)
-                logp, _ = selected_token_logprobs(self.model, mb.input_ids, mb.attention_mask,
-                                                  mb.attention_mask[:, 1:], self.temperature)
-                parts.append(logp.float().cpu())
-        self.model.train(was_training)
-        return torch.cat(parts)
+        with self._autocast():
+            return batched_token_logprobs(self.model, batch, self.micro_batch_size, self.temperature)
 
     def _weights(self) -> dict[str, torch.Tensor]:
         """The weights to export or save: the adapter with LoRA on, else the full state."""
