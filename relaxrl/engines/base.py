@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol, Sequence
 
 import torch
@@ -27,6 +27,9 @@ class Generation:
     # uses temperature 1). The trainer computes the same quantity with the same temperature.
     logprobs: list[float]
     finish_reason: str  # "stop" or "length"
+    # Per response token, the weight version that sampled it; empty: all by the engine's version at
+    # the end of the call (a batch-synchronous engine never changes weights inside a call).
+    token_versions: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -50,6 +53,16 @@ class GenerationEngine(Protocol):
 
     def load_weights(self, payload: WeightPayload) -> None:
         """Replace the policy weights with ``payload`` and adopt its version."""
+
+
+class StreamingGenerationEngine(GenerationEngine, Protocol):
+    """A generation engine whose requests run on their own (continuous batching): each joins the
+    running batch when it arrives and returns when its own response ends, and ``load_weights`` may
+    run while requests are in flight (between engine steps; the tokens after it are sampled, and
+    their log-probs computed, by the new weights; ``Generation.token_versions`` says which)."""
+
+    async def agenerate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Generation]:
+        """Like ``generate``, awaitable from any event loop; concurrent calls share the engine's batch."""
 
 
 # loss_fn(token_logprobs [b, T-1], micro_batch) -> (loss already normalised for the whole batch, metrics)

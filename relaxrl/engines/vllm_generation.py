@@ -64,6 +64,38 @@ def to_generation(
     return Generation(response_ids=ids, logprobs=lps, finish_reason="stop" if stopped else "length")
 
 
+def vllm_sampling(params: SamplingParams, n: int, eos_ids: Sequence[int], *, delta: bool = False) -> list:
+    """One vLLM ``SamplingParams`` per request (each its own seed); ``delta``: stream new tokens only."""
+    from vllm import SamplingParams as VSamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    if params.top_p < 1.0:
+        raise ValueError(
+            f"top_p={params.top_p}: vLLM's log-probs would include top-p truncation and the trainer's "
+            "do not (the importance ratio would be off); use rollout.top_p=1 with the vllm engine"
+        )
+    if params.max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {params.max_new_tokens}")
+    greedy = params.temperature <= 0
+    kind = RequestOutputKind.DELTA if delta else RequestOutputKind.CUMULATIVE  # CUMULATIVE: vLLM's default
+    return [
+        VSamplingParams(
+            n=1,
+            temperature=0.0 if greedy else params.temperature,
+            top_p=1.0,
+            top_k=0 if greedy else -1,
+            max_tokens=params.max_new_tokens,
+            logprobs=0,  # the sampled token's log-prob only
+            seed=s,
+            stop_token_ids=list(eos_ids),
+            skip_special_tokens=False,
+            detokenize=False,
+            output_kind=kind,
+        )
+        for s in request_seeds(params.seed, n)
+    ]
+
+
 # --------------------------------------------------------------------------- worker-side functions
 # collective_rpc runs these inside every vLLM worker (``self`` is the worker); they must be
 # module-level so the workers can import them by name.
@@ -90,6 +122,29 @@ def _redispatch_cpu_lm_head(model: Any) -> None:
     from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 
     dispatch_cpu_unquantized_gemm(lm_head, remove_weight=False)
+
+
+def engine_kwargs(model_dir: str, dtype: str, seed: int, opts: VLLMOptions, lora: Optional[LoraConfig]) -> dict:
+    """vLLM engine arguments shared by the offline (``LLM``) and the streaming (``AsyncLLM``) engine."""
+    kwargs: dict[str, Any] = dict(
+        model=model_dir,
+        dtype=dtype,
+        seed=seed,
+        tensor_parallel_size=opts.tensor_parallel_size,
+        gpu_memory_utilization=opts.gpu_memory_utilization,
+        enforce_eager=opts.enforce_eager,
+        enable_prefix_caching=opts.enable_prefix_caching,
+        max_num_seqs=opts.max_num_seqs,
+        logprobs_mode="processed_logprobs",  # after temperature: the trainer's quantity
+        generation_config="vllm",  # ignore the checkpoint's sampling defaults (top_k, penalties)
+    )
+    if opts.max_model_len:
+        kwargs["max_model_len"] = opts.max_model_len
+    if opts.distributed_executor_backend != "auto":
+        kwargs["distributed_executor_backend"] = opts.distributed_executor_backend
+    if lora is not None:
+        kwargs.update(enable_lora=True, max_lora_rank=max(8, lora.r), max_loras=1)
+    return kwargs
 
 
 def _worker_join_weight_group(self, host: str, port: int, world_size: int, rank_offset: int) -> int:
@@ -148,24 +203,7 @@ class VLLMGenerationEngine:
         self.eos_ids = eos_token_ids(self.model_dir, self.tokenizer)
         self.lora_cfg = lora if lora is not None and lora.enabled else None
         self.lora_on = self.lora_cfg is not None
-        kwargs: dict[str, Any] = dict(
-            model=self.model_dir,
-            dtype=dtype,
-            seed=seed,
-            tensor_parallel_size=opts.tensor_parallel_size,
-            gpu_memory_utilization=opts.gpu_memory_utilization,
-            enforce_eager=opts.enforce_eager,
-            enable_prefix_caching=opts.enable_prefix_caching,
-            max_num_seqs=opts.max_num_seqs,
-            logprobs_mode="processed_logprobs",  # after temperature: the trainer's quantity
-            generation_config="vllm",  # ignore the checkpoint's sampling defaults (top_k, penalties)
-        )
-        if opts.max_model_len:
-            kwargs["max_model_len"] = opts.max_model_len
-        if opts.distributed_executor_backend != "auto":
-            kwargs["distributed_executor_backend"] = opts.distributed_executor_backend
-        if self.lora_on:
-            kwargs.update(enable_lora=True, max_lora_rank=max(8, self.lora_cfg.r), max_loras=1)
+        kwargs = engine_kwargs(self.model_dir, dtype, seed, opts, self.lora_cfg)
         self.llm = LLM(**kwargs)
         self._work_dir = work_dir or tempfile.mkdtemp(prefix="relaxrl-vllm-")
         self._lora_request = None  # the adapter of the current version (None: base weights)
@@ -175,31 +213,7 @@ class VLLMGenerationEngine:
     # ------------------------------------------------------------------ generation
 
     def _sampling(self, params: SamplingParams, n: int) -> list:
-        from vllm import SamplingParams as VSamplingParams
-
-        if params.top_p < 1.0:
-            raise ValueError(
-                f"top_p={params.top_p}: vLLM's log-probs would include top-p truncation and the trainer's "
-                "do not (the importance ratio would be off); use rollout.top_p=1 with the vllm engine"
-            )
-        if params.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {params.max_new_tokens}")
-        greedy = params.temperature <= 0
-        return [
-            VSamplingParams(
-                n=1,
-                temperature=0.0 if greedy else params.temperature,
-                top_p=1.0,
-                top_k=0 if greedy else -1,
-                max_tokens=params.max_new_tokens,
-                logprobs=0,  # the sampled token's log-prob only
-                seed=s,
-                stop_token_ids=list(self.eos_ids),
-                skip_special_tokens=False,
-                detokenize=False,
-            )
-            for s in request_seeds(params.seed, n)
-        ]
+        return vllm_sampling(params, n, self.eos_ids)
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Generation]:
         """One response per prompt, all submitted at once (vLLM batches them continuously)."""
@@ -292,3 +306,211 @@ class VLLMGenerationEngine:
         del llm
         gc.collect()
         shutil.rmtree(self._work_dir, ignore_errors=True)
+
+
+def spans_to_versions(spans: Optional[Sequence[Any]], n: int, fallback: int) -> list[int]:
+    """Per-token versions from vLLM's ``weight_versions`` spans (``version`` labels are our version
+    numbers as strings); tokens no span covers get ``fallback``."""
+    out = [int(fallback)] * n
+    for span in spans or ():
+        try:
+            v = int(span.version)
+        except (TypeError, ValueError):  # vLLM's "default" label: before the first update_weight_version
+            v = int(fallback)
+        for i in range(max(0, span.start), min(n, span.end)):
+            out[i] = v
+    return out
+
+
+class StreamingVLLMEngine:
+    """``StreamingGenerationEngine`` on vLLM's ``AsyncLLM`` (continuous batching, in-flight updates).
+
+    Every request streams on its own: it joins the engine's running batch as soon as it arrives and
+    returns when its own response ends, never waiting for another request's longer one. The
+    ``AsyncLLM`` lives on an event loop of its own, in a thread, so ``agenerate`` can be awaited
+    from any loop (the Serve replica's) and ``generate``/``load_weights`` called from plain code.
+
+    A weight update does not wait for requests in flight: ``pause_generation(mode="keep")`` stops
+    the scheduler between engine steps and preempts the running requests (their KV cache is freed),
+    the weights load in place, the version label is set and generation resumes; the preempted
+    requests are prefilled again under the new weights, so every token after the update is sampled
+    and scored by them. vLLM labels each step's tokens with the weight version that produced them
+    (``CompletionOutput.weight_versions``), which becomes ``Generation.token_versions``.
+
+    vLLM's async engine runs its core in a process of its own (``AsyncMPClient``);
+    ``distributed_executor_backend="uni"`` keeps the model there rather than in a third process
+    when there is one worker. Weights reach it through ``collective_rpc`` (see ``load_weights``).
+    """
+
+    def __init__(
+        self,
+        model_dir: str,
+        *,
+        lora: LoraConfig | None = None,
+        dtype: str = "auto",
+        options: VLLMOptions | dict | None = None,
+        seed: int = 0,
+        work_dir: Optional[str] = None,
+    ) -> None:
+        import asyncio
+        import threading
+
+        if dtype not in _DTYPES and dtype != "auto":
+            raise ValueError(f"unknown dtype {dtype!r}; valid: {list(_DTYPES) + ['auto']}")
+        opts = VLLMOptions(**options) if isinstance(options, dict) else (options or VLLMOptions())
+        if opts.tensor_parallel_size < 1:
+            raise ValueError(f"vllm.tensor_parallel_size must be >= 1, got {opts.tensor_parallel_size}")
+        if lora is not None and lora.enabled:
+            # A request carries its adapter from the start; swapping it under a running request is
+            # not something vLLM's LoRA manager does, so LoRA runs keep the batch-synchronous engine.
+            raise ValueError("rollout.streaming with model.lora.enabled is not supported; set rollout.streaming=false")
+        self.options = opts
+        os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # module-level callables to the core
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(opts.cpu_kvcache_gib))
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        from relaxrl.models.loading import eos_token_ids, load_tokenizer, resolve_dtype
+
+        self.model_dir = os.path.abspath(model_dir)
+        dtype = resolve_dtype(self.model_dir, dtype)
+        self.tokenizer = load_tokenizer(self.model_dir)
+        self.eos_ids = eos_token_ids(self.model_dir, self.tokenizer)
+        self.lora_on = False
+        kwargs = engine_kwargs(self.model_dir, dtype, seed, opts, None)
+        if opts.tensor_parallel_size == 1 and opts.distributed_executor_backend == "auto":
+            kwargs["distributed_executor_backend"] = "uni"  # the model in the engine-core process
+        kwargs["disable_log_stats"] = True
+        self.version = 0
+        self.loads = 0
+        self.load_bytes = 0  # weight bytes handed to the engine core, all versions
+        self.last_load: dict[str, float] = {}
+        self.tokens_streamed = 0  # response tokens received so far, all requests (progress, for tests)
+        self._next_id = 0
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="vllm-async-engine")
+        self._thread.start()
+
+        async def start():
+            llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+            await llm.update_weight_version("0")
+            return llm, asyncio.Lock()
+
+        self.llm, self._weights_lock = self._call(start())
+        self._work_dir = work_dir
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _call(self, coro):
+        """Run ``coro`` on the engine's loop and wait for it (from plain code)."""
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    async def _on_engine_loop(self, coro):
+        """Await ``coro`` on the engine's loop from any other loop."""
+        import asyncio
+
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._loop))
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Generation]:
+        return self._call(self._generate_all(prompts, params))
+
+    async def agenerate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Generation]:
+        return await self._on_engine_loop(self._generate_all(prompts, params))
+
+    async def _generate_all(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Generation]:
+        import asyncio
+
+        if not prompts:
+            return []
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("generate() needs non-empty prompts")
+        sampling = vllm_sampling(params, len(prompts), self.eos_ids, delta=True)
+        return list(await asyncio.gather(*(self._one(p, sp) for p, sp in zip(prompts, sampling))))
+
+    async def _one(self, prompt: Sequence[int], sampling) -> Generation:
+        self._next_id += 1
+        rid = f"relaxrl-{self._next_id}"
+        start_version = self.version
+        ids: list[int] = []
+        lps: list[float] = []
+        spans, reason = None, None
+        async for out in self.llm.generate({"prompt_token_ids": [int(t) for t in prompt]}, sampling, rid):
+            c = out.outputs[0]
+            new = [int(t) for t in c.token_ids]
+            if c.logprobs is None or len(c.logprobs) < len(new):
+                raise RuntimeError(f"vLLM returned {0 if c.logprobs is None else len(c.logprobs)} log-probs "
+                                   f"for {len(new)} tokens")
+            ids += new
+            lps += [float(step[t].logprob) for t, step in zip(new, c.logprobs)]
+            self.tokens_streamed += len(new)
+            spans, reason = c.weight_versions or spans, c.finish_reason or reason
+        gen = to_generation(ids, [{t: _Lp(lp)} for t, lp in zip(ids, lps)], self.eos_ids, reason or "length")
+        gen.token_versions = spans_to_versions(spans, len(ids), start_version)
+        return gen
+
+    # ------------------------------------------------------------------ weights
+
+    def load_weights(self, payload: WeightPayload) -> None:
+        check_payload_kind(payload, False)
+        self._call(self._swap(_worker_load_full, (payload.blob,), payload.version, payload.nbytes))
+
+    async def aload_weights(self, payload: WeightPayload) -> None:
+        """``load_weights`` awaitable from any loop: requests in flight keep streaming until the
+        engine's next step boundary, then continue under the new weights."""
+        check_payload_kind(payload, False)
+        await self._on_engine_loop(self._swap(_worker_load_full, (payload.blob,), payload.version, payload.nbytes))
+
+    def load_state_iterator(self, tensors, version: int) -> None:
+        """Full weights as ``(name, tensor)`` pairs (the broadcast receiver's path)."""
+        from relaxrl.engines.payload import pack_weights
+
+        payload = pack_weights(dict(tensors), version=version, kind="full")
+        self.load_weights(payload)
+
+    async def _swap(self, fn, args: tuple, version: int, nbytes: int) -> None:
+        import time
+
+        async with self._weights_lock:
+            start = time.perf_counter()
+            # keep: requests stay queued, preempted (KV freed) and prefilled again on resume
+            await self.llm.pause_generation(mode="keep", clear_cache=True)
+            paused = time.perf_counter()
+            try:
+                await self.llm.collective_rpc(fn, args=args)
+                await self.llm.reset_prefix_cache()
+                await self.llm.update_weight_version(str(int(version)))
+                self.version = int(version)
+            finally:
+                await self.llm.resume_generation()
+            end = time.perf_counter()
+            self.loads += 1
+            self.load_bytes += int(nbytes)
+            self.last_load = {"pause_s": paused - start, "load_s": end - paused, "bytes": float(nbytes)}
+            log.info("vLLM weights v%d loaded in flight: %.2f MB to the engine core, paused %.3f s",
+                     self.version, nbytes / 1e6, end - start)
+
+    def close(self) -> None:
+        llm = getattr(self, "llm", None)
+        if llm is None:
+            return
+        self.llm = None
+        try:
+            llm.shutdown()
+        except Exception as e:  # best effort
+            log.debug("AsyncLLM shutdown: %s", e)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        gc.collect()
+
+
+class _Lp:
+    """The one field of vLLM's ``Logprob`` that ``to_generation`` reads."""
+
+    __slots__ = ("logprob",)
+
+    def __init__(self, logprob: float) -> None:
+        self.logprob = logprob
