@@ -154,17 +154,26 @@ class VersionClock:
             return self.version >= version
 
 
+# (task, group id, admission seq, weight version it needs) -> a rollout request for that group.
+RequestBuilder = Callable[[Task, str, int, int], Any]
+
+
 async def produce(roles: Roles, tasks: TaskStream, cfg: DictConfig, prompt_ids: Any, stats: RunResult,
                   max_prompt_tokens: Optional[int] = None, per_request: int = 1,
-                  clock: Optional[VersionClock] = None) -> None:
+                  clock: Optional[VersionClock] = None, build_request: Optional[RequestBuilder] = None) -> None:
     """Keep admitting up to ``per_request`` groups at a time and sending them down the chain as
-    one request, until the queue closes."""
+    one request, until the queue closes. ``build_request``: a multi-turn run's request per group
+    (``relaxrl.envs.episodes.EpisodeGroup``) in place of a prompt group."""
     # Read once: a DictConfig attribute costs ~30 µs on a small CPU, and these are needed per group.
     group_size, env_name, seed = cfg.rollout.group_size, cfg.env.name, cfg.seed
     while (admitted := await roles.queue.admit_many.remote(per_request)) is not None:
         requests, by_group = [], {}
         for seq, need in admitted:
             task, gid = tasks.get(seq), group_name(seq)
+            if build_request is not None:
+                requests.append(build_request(task, gid, seq, need))
+                by_group[gid] = task
+                continue
             ids = prompt_ids(task.prompt)
             if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
                 stats.prompts_rejected += 1
@@ -241,8 +250,9 @@ async def _chain_to_queue(roles: Roles, requests: list[GroupRequest], tasks: dic
 
 
 def route_for(roles: Roles, requests: list[GroupRequest], tasks: dict[str, Task], attempt: int) -> Route:
-    """The stops after the rollout: the reward role, the teacher calls the algorithm needs, the queue."""
-    stops = [Stop(roles.app("reward"), "score", {"tasks": tasks})]
+    """The stops after the rollout: the reward role (none in a multi-turn run: the env's steps
+    rewarded the episode), the teacher calls the algorithm needs, the queue."""
+    stops = [Stop(roles.app("reward"), "score", {"tasks": tasks})] if roles.reward is not None else []
     if roles.teacher is not None:
         if roles.teacher_by_domain:  # Serve multiplexing: to a replica holding this domain's teacher
             domains = {r.domain for r in requests}  # several: the replica splits the samples by domain
@@ -453,7 +463,7 @@ async def _first_failure(tasks: list[asyncio.Task]) -> Optional[BaseException]:
 
 async def run(roles: Roles, cfg: DictConfig, env: Any, prompt_ids: Any, monitor: Monitor, *,
               resume: Optional[str] = None, max_prompt_tokens: Optional[int] = None,
-              on_step: Optional[StepHook] = None) -> RunResult:
+              on_step: Optional[StepHook] = None, build_request: Optional[RequestBuilder] = None) -> RunResult:
     stats = RunResult()
     tasks = await restore(roles, cfg, env, resume, stats) if resume else TaskStream(env, cfg.seed)
     r = cfg.rollout
@@ -463,7 +473,7 @@ async def run(roles: Roles, cfg: DictConfig, env: Any, prompt_ids: Any, monitor:
     while True:  # once, plus once per in-run restore of a lost trainer
         clock = VersionClock(stats.start_version)
         producers = [asyncio.create_task(produce(roles, tasks, cfg, prompt_ids, stats, max_prompt_tokens,
-                                                 per_request, clock))
+                                                 per_request, clock, build_request))
                      for _ in range(-(-inflight // per_request))]
         restore_from = None
         try:

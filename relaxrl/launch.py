@@ -126,8 +126,8 @@ def teacher_calls(cfg: DictConfig, required_fields: tuple[str, ...]) -> list[tup
 @dataclass
 class Roles:
     run_id: str
-    rollout: Any  # DeploymentHandle
-    reward: Any
+    rollout: Any  # DeploymentHandle (an EpisodeRollout in a multi-turn run)
+    reward: Optional[Any]  # None in a multi-turn run: the env's steps give the reward
     actor: Any
     teacher: Optional[Any]
     queue: Any  # ActorHandle of QueueActor
@@ -147,7 +147,8 @@ class Roles:
         return queue_name(self.run_id)
 
     def app_names(self) -> list[str]:
-        roles = ["rollout", "reward", "actor"] + (["teacher"] if self.teacher is not None else [])
+        roles = (["rollout"] + (["reward"] if self.reward is not None else []) + ["actor"]
+                 + (["teacher"] if self.teacher is not None else []))
         return [self.app(r) for r in roles]
 
     def shutdown(self) -> None:
@@ -169,12 +170,13 @@ def queue_name(run_id: str) -> str:
     return f"relaxrl-queue-{run_id}"
 
 
-def describe_roles(cfg: DictConfig, required_fields: tuple[str, ...]) -> str:
+def describe_roles(cfg: DictConfig, required_fields: tuple[str, ...], multi_turn: bool = False) -> str:
     """The roles a run starts, for the console: e.g. "rollout x1 (hf), reward x1, actor (torch)"."""
     r, tr = cfg.rollout, cfg.trainer
-    parts = [f"rollout x{r.num_replicas} ({r.engine})", f"reward x{cfg.reward.num_replicas}",
-             f"actor ({tr.engine}" + (f", {tr.num_ranks} ranks)" if tr.num_ranks > 1 else ")")]
-    if needs_teacher(cfg, required_fields):
+    parts = ([f"episode rollout x{r.num_replicas} (hf)"] if multi_turn else
+             [f"rollout x{r.num_replicas} ({r.engine})", f"reward x{cfg.reward.num_replicas}"])
+    parts.append(f"actor ({tr.engine}" + (f", {tr.num_ranks} ranks)" if tr.num_ranks > 1 else ")"))
+    if needs_teacher(cfg, required_fields) or episode_teacher(cfg) == "checkpoint":
         parts.append(f"teacher x{cfg.teacher.num_replicas}")
     return ", ".join(parts)
 
@@ -184,8 +186,26 @@ def needs_teacher(cfg: DictConfig, required_fields: tuple[str, ...]) -> bool:
             or any(f in required_fields for f in ("ref_logprobs", "teacher_logprobs")))
 
 
-def start_roles(cfg: DictConfig, model_dir: str, required_fields: tuple[str, ...]) -> Roles:
-    """Deploy rollout, reward, actor (and teacher when needed) as separate Serve applications."""
+def episode_teacher(cfg: DictConfig) -> str:
+    """Who labels a multi-turn run's states: DAgger's ``algorithm.teacher``; nobody otherwise."""
+    return str(cfg.algorithm.teacher) if cfg.algorithm.name == "dagger" else "none"
+
+
+def trainer_temperature(cfg: DictConfig) -> float:
+    """The temperature the trainer takes log-probs at: the algorithm's own when it names one
+    (DAgger's cross-entropy on labels: T=1), else the rollout's."""
+    from relaxrl.algorithms import make_algorithm
+
+    algorithm = make_algorithm(plain(cfg.algorithm))
+    named = getattr(algorithm, "logprob_temperature", None)
+    return float(named(cfg.rollout.temperature)) if named else float(cfg.rollout.temperature)
+
+
+def start_roles(cfg: DictConfig, model_dir: str, required_fields: tuple[str, ...], multi_turn: bool = False) -> Roles:
+    """Deploy rollout, reward, actor (and teacher when needed) as separate Serve applications.
+
+    ``multi_turn``: the rollout is the episode rollout (whole episodes, token-in/token-out) and
+    there is no reward role (the env's steps reward the episode); the rest is the same."""
     from relaxrl.services.actor import Actor
     from relaxrl.services.broadcast_sync import SyncCoordinator, sync_settings
     from relaxrl.services.reward import Reward
@@ -221,7 +241,7 @@ def start_roles(cfg: DictConfig, model_dir: str, required_fields: tuple[str, ...
                      .remote(sync["world_size"]))
     # Serve restarts a replica whose check_health fails: a dead one, or one hung past hang_timeout_s.
     health = {"health_check_period_s": f.health_check_period_s, "health_check_timeout_s": f.health_check_timeout_s}
-    apps = {
+    apps = {} if multi_turn else {
         "rollout": Rollout.options(num_replicas=r.num_replicas, **rollout_options(r), **health).bind(
             model_dir,
             sampling={"temperature": r.temperature, "top_p": r.top_p, "max_new_tokens": r.max_new_tokens},
@@ -249,6 +269,19 @@ def start_roles(cfg: DictConfig, model_dir: str, required_fields: tuple[str, ...
             on_error=rw.on_error, error_reward=rw.error_reward, simulated_latency_s=rw.simulated_latency_s,
             hang_timeout_s=f.hang_timeout_s, avoid_cpus=avoid,
         ),
+    }
+    if multi_turn:
+        from relaxrl.config_check import prompt_template_of
+        from relaxrl.services.episode_rollout import EpisodeRollout
+
+        teacher_kind = episode_teacher(cfg)
+        apps["rollout"] = EpisodeRollout.options(num_replicas=r.num_replicas, **rollout_options(r), **health).bind(
+            model_dir, env=plain(cfg.env), sampling={"temperature": r.temperature, "top_p": r.top_p},
+            teacher=teacher_kind, teacher_app=f"teacher-{run_id}" if teacher_kind == "checkpoint" else None,
+            dtype=cfg.model.dtype, torch_threads=r.torch_threads, store_name=store_name(run_id), namespace=ns,
+            seed=cfg.seed, prompt_template=prompt_template_of(cfg), avoid_cpus=avoid,
+        )
+    apps.update({
         "actor": Actor.options(num_replicas=1, **trainer_options(tr), **health).bind(
             model_dir,
             algorithm=plain(cfg.algorithm),
@@ -256,7 +289,7 @@ def start_roles(cfg: DictConfig, model_dir: str, required_fields: tuple[str, ...
             lora=lora,
             dtype=cfg.model.dtype,
             train_dtype=cfg.model.train_dtype,
-            temperature=r.temperature,
+            temperature=trainer_temperature(cfg),
             seed=cfg.seed,
             store_name=store_name(run_id),
             queue_name=queue_name(run_id),
@@ -265,7 +298,7 @@ def start_roles(cfg: DictConfig, model_dir: str, required_fields: tuple[str, ...
             hang_timeout_s=f.hang_timeout_s,
             publish_timeout_s=f.publish_timeout_s,
         ),
-    }
+    })
     calls: list[tuple[str, str]] = []
     if t.domains:
         from relaxrl.services.domain_teacher import DomainTeacher
@@ -285,10 +318,23 @@ def start_roles(cfg: DictConfig, model_dir: str, required_fields: tuple[str, ...
             **health,
         ).bind(checkpoints, temperature=r.temperature, dtype=cfg.model.dtype, torch_threads=t.torch_threads,
                top_k=t.top_k, hang_timeout_s=f.hang_timeout_s, avoid_cpus=avoid)
+    elif multi_turn and episode_teacher(cfg) == "checkpoint":  # DAgger's labels: Teacher.act per turn
+        apps["teacher"] = Teacher.options(
+            num_replicas=t.num_replicas, ray_actor_options={"num_cpus": t.num_cpus, "num_gpus": t.num_gpus},
+            **health,
+        ).bind({"teacher": cfg.algorithm.teacher_checkpoint}, temperature=r.temperature, dtype=cfg.model.dtype,
+               torch_threads=t.torch_threads, hang_timeout_s=f.hang_timeout_s, avoid_cpus=avoid)
+        apps = {"teacher": apps.pop("teacher"), **apps}  # first: the episode rollout looks its app up
+    routes: dict[str, str] = {}
+    if cfg.get("agent") is not None and cfg.agent.target:  # agent code behind the OpenAI endpoint: it is the rollout
+        from relaxrl.services.agent_rollout import agent_rollout_app, route_prefix
+
+        apps["rollout"] = agent_rollout_app(cfg, model_dir, run_id, apps["rollout"])
+        routes["rollout"] = route_prefix(run_id)  # its HTTP route on Serve's proxy (ray.host: 127.0.0.1)
     names = list(apps)
     handles = serve.run_many(
-        [serve.RunTarget(target=app, name=f"{n}-{run_id}", route_prefix=None) for n, app in apps.items()]
+        [serve.RunTarget(target=app, name=f"{n}-{run_id}", route_prefix=routes.get(n)) for n, app in apps.items()]
     )
     h = dict(zip(names, handles))
-    return Roles(run_id, h["rollout"], h["reward"], h["actor"], h.get("teacher"), queue, store, model_dir,
+    return Roles(run_id, h["rollout"], h.get("reward"), h["actor"], h.get("teacher"), queue, store, model_dir,
                  extra_actors=extra, teacher_by_domain=bool(t.domains), teacher_calls=calls, namespace=ns)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from typing import Callable
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -62,9 +63,17 @@ def run_experiment(cfg: DictConfig, on_step=None) -> dict:
     # What the roles could not load (model directory, tokenizer, chat template or env.prompt_template,
     # the env: its dataset file and fields, a user's env class) fails here, before the imports of Ray
     # and the engines below: in seconds, with one error, instead of minutes later in a replica's log.
-    check_model_dir(cfg, multi_turn=cfg.algorithm.name == "dagger")
+    from relaxrl.envs.episodes import is_multi_turn
+
     env = make_env(**OmegaConf.to_container(cfg.env, resolve=True))
-    heldout = check_heldout(cfg, env)  # trainer.eval_every: its eval split exists and the settings fit
+    multi_turn = is_multi_turn(env)
+    check_multi_turn(cfg, multi_turn)
+    from relaxrl.envs.agent import check_agent_config
+
+    check_agent_config(cfg, multi_turn)  # agent.target: the OpenAI endpoint's settings, the agent importable
+    check_model_dir(cfg, multi_turn=multi_turn)
+    # trainer.eval_every: its eval split exists and the settings fit (multi-turn: held-out seeds)
+    heldout = None if multi_turn else check_heldout(cfg, env)
 
     from relaxrl import checkpoint, launch
     from relaxrl.algorithms import make_algorithm
@@ -75,10 +84,6 @@ def run_experiment(cfg: DictConfig, on_step=None) -> dict:
     from relaxrl.services.common import check_cpus, keep_off_cpus, restore_cpus
     from relaxrl.services.evaluator import HeldoutEval, delete_evaluator, deploy_evaluator
 
-    if cfg.algorithm.name == "dagger":  # multi-turn episodes: their own loop (relaxrl/episodic/)
-        from relaxrl.episodic.driver import run_episodic_experiment
-
-        return run_episodic_experiment(cfg)
     run_dir = os.path.abspath(cfg.run_dir)
     os.makedirs(run_dir, exist_ok=True)
     resume = checkpoint.resolve_resume(cfg.resume, run_dir)  # a missing checkpoint fails before Ray starts
@@ -99,10 +104,15 @@ def run_experiment(cfg: DictConfig, on_step=None) -> dict:
     tokenizer = load_tokenizer(model_dir)
     context = arch.get("max_position_embeddings") or getattr(tokenizer, "model_max_length", None)
     max_prompt_tokens = context - cfg.rollout.max_new_tokens if context and context < 10**8 else None
+    build_request = None
+    if multi_turn:  # a group = the episodes of one env seed, played by the episode rollout
+        from relaxrl.envs.episodes import SeedTasks
+
+        env, build_request, max_prompt_tokens = SeedTasks(env.name), episode_requests(cfg, algorithm), None
     log.info("model %s; run dir %s", model_dir, run_dir)
-    with phase(f"starting the roles ({launch.describe_roles(cfg, tuple(algorithm.required_fields))}) "
+    with phase(f"starting the roles ({launch.describe_roles(cfg, tuple(algorithm.required_fields), multi_turn)}) "
                "and loading their models"):
-        roles = launch.start_roles(cfg, model_dir, tuple(algorithm.required_fields))
+        roles = launch.start_roles(cfg, model_dir, tuple(algorithm.required_fields), multi_turn)
     monitor = Monitor(cfg, run_dir, cfg.trainer.steps)
     summary = None
     eval_app, heldout_eval = None, None
@@ -116,14 +126,20 @@ def run_experiment(cfg: DictConfig, on_step=None) -> dict:
             heldout_eval = HeldoutEval(evaluator, monitor, every=cfg.trainer.eval_every, last_step=cfg.trainer.steps,
                                        temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
             on_step = StepHooks(on_step, heldout_eval)
+        episode_eval = episode_heldout(cfg, roles, monitor) if multi_turn else None
+        if episode_eval is not None:
+            on_step = StepHooks(on_step, episode_eval)
         encoder = PromptEncoder(tokenizer, template=prompt_template_of(cfg))  # env.prompt_template or the chat template
-        result = asyncio.run(run(roles, cfg, env, encoder, monitor,
-                                 resume=resume, max_prompt_tokens=max_prompt_tokens, on_step=on_step))
+        result = asyncio.run(run(roles, cfg, env, encoder, monitor, resume=resume,
+                                 max_prompt_tokens=max_prompt_tokens, on_step=on_step, build_request=build_request))
         summary = result.summary()
         summary["run_dir"] = run_dir
         summary["wandb_dir"] = monitor.wandb_dir
         if heldout_eval is not None and heldout_eval.history:  # the last held-out evaluation's eval/* metrics
             summary.update({k: v for k, v in heldout_eval.history[-1].items() if k != "step"})
+        if episode_eval is not None:
+            summary.update(episode_summary(episode_eval, summary))
+            summary.update(roles.rollout.stats.remote().result())
     finally:
         try:
             monitor.close(summary)
@@ -139,9 +155,82 @@ def run_experiment(cfg: DictConfig, on_step=None) -> dict:
         f"stage_ms_per_step={ {k: round(v * 1000, 1) for k, v in summary['stage_s_per_step'].items()} }"
     )
     print(summary_line(summary), flush=True)
+    if multi_turn:
+        print(episode_line(summary), flush=True)
     print(f"relaxrl: run directory {run_dir}" + (f"; final model {summary['checkpoint']}/model"
                                                   if summary.get("checkpoint") else ""), flush=True)
     return summary
+
+
+def check_multi_turn(cfg: DictConfig, multi_turn: bool) -> None:
+    """Before Ray: the settings a multi-turn run (the episode rollout) cannot work with."""
+    if cfg.algorithm.name == "dagger" and not multi_turn:
+        raise ValueError(f"algorithm=dagger needs a multi-turn env (reset/step/expert_action), got env={cfg.env.name}")
+    if not multi_turn:
+        return
+    if cfg.rollout.engine != "hf":
+        raise ValueError(f"multi-turn envs run on the episode rollout, HF generation only: set rollout.engine=hf "
+                         f"(got {cfg.rollout.engine!r})")
+    if cfg.weight_sync.method != "object_store":
+        raise ValueError("multi-turn envs need weight_sync.method=object_store (the episode rollout follows the "
+                         "weight store)")
+    if cfg.algorithm.name == "dagger" and cfg.algorithm.group_size != cfg.rollout.group_size:
+        raise ValueError(f"algorithm.group_size={cfg.algorithm.group_size} and rollout.group_size="
+                         f"{cfg.rollout.group_size} differ: a queue group is rollout.group_size episodes of one seed "
+                         "(set both)")
+
+
+def episode_requests(cfg: DictConfig, algorithm) -> "Callable":
+    """The driver's request per admitted group of a multi-turn run: ``rollout.group_size`` episodes
+    of the group's env seed, with DAgger's teacher probability at the weight version it is
+    admitted for (its schedule runs on optimizer steps)."""
+    from relaxrl.envs.episodes import EpisodeGroup
+    from relaxrl.launch import episode_teacher
+
+    n, name, labelled = cfg.rollout.group_size, cfg.env.name, episode_teacher(cfg) != "none"
+    beta_of = getattr(algorithm, "beta_at_version", lambda version: 0.0)
+
+    def build(task, group_id: str, seq: int, need: int) -> EpisodeGroup:
+        return EpisodeGroup(group_id=group_id, seed=int(task.meta["seed"]), n=n, beta=beta_of(need),
+                            with_teacher=labelled, env=name, min_version=need)
+
+    return build
+
+
+def episode_heldout(cfg: DictConfig, roles, monitor):
+    """The held-out hook of a multi-turn run: DAgger's ``algorithm.eval_every`` collection periods
+    (``eval_episodes`` seeds), else ``trainer.eval_every`` steps (``eval_max_tasks`` seeds, 64 if 0)."""
+    from relaxrl.services.episode_rollout import EpisodeHeldout
+
+    a, tr = cfg.algorithm, cfg.trainer
+    if a.name == "dagger":
+        every, n = a.eval_every * a.steps_per_iter, a.eval_episodes
+    else:
+        if not tr.eval_every:
+            return None
+        every, n = tr.eval_every, tr.eval_max_tasks or 64
+    return EpisodeHeldout(roles.rollout, monitor, every=every, last_step=tr.steps, episodes=n)
+
+
+def episode_summary(hook, summary: dict) -> dict:
+    """A multi-turn run's summary: held-out success (last evaluation), the curve, episodes trained
+    (queue accounting) and, for DAgger, the labels aggregated (the actor's buffer counts)."""
+    last = hook.history[-1] if hook.history else {}
+    m = hook.last_metrics
+    return {"success": last.get("eval/success"), "success_greedy": last.get("eval/success_greedy"),
+            "curve": [{"step": h["step"], "success": h["eval/success"], "success_greedy": h["eval/success_greedy"]}
+                      for h in hook.history],
+            "episodes": (summary.get("accounting") or {}).get("trained_samples"),
+            "labels": int(m.get("algo/labels", 0)), "labels_dropped": int(m.get("algo/labels_dropped", 0))}
+
+
+def episode_line(s: dict) -> str:
+    def f(x):
+        return "n/a" if x is None else f"{x:.3f}"
+
+    return (f"relaxrl episodes: steps={s['steps']} episodes={s['episodes']} labels={s['labels']} "
+            f"heldout_success={f(s['success'])} heldout_success_greedy={f(s['success_greedy'])} "
+            f"max_staleness_seen={s['max_staleness_seen']} wall_s={s['wall_s']:.1f}")
 
 
 @hydra.main(version_base=None, config_path="conf", config_name="config")
@@ -155,7 +244,9 @@ def main(cfg: DictConfig) -> float:
 
         return float(run_pipeline(cfg)["final_score"])
     summary = run_experiment(cfg)
-    return float(summary.get("reward_last", summary.get("success", 0.0)))  # what a Hydra sweeper optimises
+    if summary.get("success") is not None:  # a multi-turn run: held-out success is what a sweeper optimises
+        return float(summary["success"])
+    return float(summary.get("reward_last", 0.0))  # what a Hydra sweeper optimises
 
 
 if __name__ == "__main__":

@@ -147,15 +147,81 @@ class LabelBuffer:
         return items if n >= len(items) else rng.sample(items, n)
 
 
+def _label_row(s: Sample) -> dict:
+    return {"uid": s.uid, "prompt_ids": s.prompt_ids, "response_ids": s.response_ids, "reward": s.reward,
+            "env": s.env}
+
+
+def _label_sample(d: dict) -> Sample:
+    n = len(d["response_ids"])
+    return Sample(uid=d["uid"], group_id=d["uid"], index=0, prompt_ids=list(d["prompt_ids"]), env=d["env"],
+                  response_ids=list(d["response_ids"]), loss_mask=[1] * n, behaviour_logprobs=[0.0] * n,
+                  policy_version=-1, reward=d["reward"])
+
+
 @register_algorithm("dagger", DAggerConfig)
 class DAgger:
-    """Cross-entropy on teacher labels, plus an optional GRPO term on the student's own tokens."""
+    """Cross-entropy on teacher labels, plus an optional GRPO term on the student's own tokens.
+
+    In a run the algorithm also holds DAgger's aggregated dataset (``training_rows``): the queue
+    hands the actor each step's episodes once (exactly-once accounting), their labels join the
+    buffer here, and the step trains on labels drawn from all collected so far. The buffer is the
+    actor's state, saved with its checkpoints (``state_dict``)."""
 
     name = "dagger"
     required_fields: tuple[str, ...] = ("response_ids", "reward")
 
     def __init__(self, config: DAggerConfig | None = None) -> None:
         self.config = config if config is not None else DAggerConfig()
+        self.buffer = LabelBuffer(self.config.buffer_size)
+        self.labels = 0  # labels taken into the buffer (at most label_budget)
+        self.labels_dropped = 0  # labels past the budget, not used (counted, never silent)
+        self.steps = 0  # training_rows calls: one per optimizer step
+        self._rng = random.Random("dagger-draw")
+
+    def beta_at_version(self, version: int) -> float:
+        """The teacher probability of episodes generated for weight ``version``: collection
+        iteration ``version // steps_per_iter`` of the schedule (one version per optimizer step)."""
+        return self.config.beta(max(version, 0) // self.config.steps_per_iter)
+
+    def training_rows(self, samples: Sequence[Sample]) -> list[Sample]:
+        """The rows a step trains on, given the queue's batch (episode trajectories): their labels
+        join the aggregated buffer (up to ``label_budget``), ``batch_size`` labels are drawn from it,
+        and with ``grpo_weight > 0`` the trajectories the student acted in are added."""
+        from relaxrl.envs.episodes import labels_of
+
+        cfg = self.config
+        new = [lab for s in samples for lab in labels_of(s)]
+        if cfg.label_budget and self.labels + len(new) > cfg.label_budget:
+            keep = max(0, cfg.label_budget - self.labels)
+            self.labels_dropped += len(new) - keep
+            new = new[:keep]
+        self.labels += len(new)
+        self.buffer.add(new)
+        self.steps += 1
+        rows = self.buffer.draw(cfg.batch_size, self._rng) if cfg.ce_weight > 0 else []
+        # A label trained at several steps gets a uid per use.
+        rows = [s.replace(uid=f"{s.uid}@{self.steps}") for s in rows]
+        if cfg.grpo_weight > 0:
+            rows += [s for s in samples if any(s.loss_mask)]
+        if not rows:
+            raise RuntimeError("no training data: the teacher gave no labels and the GRPO term is off")
+        return rows
+
+    def state_dict(self) -> dict:
+        """The aggregated labels and counters, JSON-able (the actor's checkpoint holds it)."""
+        return {"labels": self.labels, "labels_dropped": self.labels_dropped, "steps": self.steps,
+                "added": self.buffer.added, "evicted": self.buffer.evicted,
+                "buffer": [_label_row(s) for s in self.buffer._items],
+                "rng": [list(x) if isinstance(x, tuple) else x for x in self._rng.getstate()]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.labels, self.labels_dropped, self.steps = state["labels"], state["labels_dropped"], state["steps"]
+        self.buffer = LabelBuffer(self.config.buffer_size)
+        self.buffer.add([_label_sample(d) for d in state["buffer"]])
+        self.buffer.added, self.buffer.evicted = state["added"], state["evicted"]
+        version, inner, gauss = state["rng"]
+        self._rng.setstate((version, tuple(inner), gauss))
 
     def logprob_temperature(self, rollout_temperature: float) -> float:
         """The temperature the trainer must take this loss's log-probs at: 1 for the cross-entropy
@@ -185,6 +251,9 @@ class DAgger:
             label_rows=float(label_rows.sum()),
             episode_rows=float((1 - label_rows).sum()),
             reward_mean=float(batch.rewards.float().mean()),
+            labels=float(self.labels),
+            labels_dropped=float(self.labels_dropped),
+            buffer=float(len(self.buffer)),
         )
         return batch
 

@@ -1,1 +1,1 @@
-"""Multi-turn episode training (DAgger and its baselines): the loop, and its in-process and Serve bindings."""
+"""DAgger's in-process loop (bench, fast tests) and the multi-turn config schemas; runs go through relaxrl/driver.py."""

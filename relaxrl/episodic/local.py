@@ -1,6 +1,6 @@
 """The DAgger loop in one process: generation and trainer engines, no Ray (bench, fast tests).
 
-Same pieces as the Serve run (episodes, algorithm, loop); the rollout engine gets the trainer's
+The same episodes, samples and DAgger loss as a run through the driver; the rollout engine gets the trainer's
 weights after every step through the same export/load path that Serve uses.
 """
 

@@ -1,4 +1,8 @@
-"""The DAgger loop, written against three callables so it runs in-process or on Serve alike.
+"""The in-process DAgger loop (bench/dagger_vs_bc.py, fast tests), written against three callables.
+
+Runs are not made here: ``python -m relaxrl.train`` runs multi-turn episodes through the one
+driver and queue (relaxrl/driver.py, the episode rollout role). This loop alternates collection and
+training in one process, with the same episodes, samples and DAgger loss.
 
     every steps_per_iter steps (while labels remain in the budget):
         beta = schedule(iteration)
@@ -19,25 +23,16 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Optional, Sequence
 
 from relaxrl.algorithms.dagger import DAggerConfig, LabelBuffer
-from relaxrl.envs.episodes import STUDENT, Episode, label_samples, trajectory_sample
+from relaxrl.envs.episodes import EVAL_SEED_BASE, STUDENT, Episode, eval_seeds, label_samples, train_seeds
+from relaxrl.envs.episodes import trajectory_sample
 from relaxrl.sample import Sample
 
 log = logging.getLogger(__name__)
-
-EVAL_SEED_BASE = 10_000_000
+__all__ = ["EVAL_SEED_BASE", "LoopResult", "dagger_loop", "eval_seeds", "train_seeds"]
 
 Collect = Callable[[Sequence[int], float, str], Awaitable[list[Episode]]]  # (seeds, beta, prefix)
 Train = Callable[[list[Sample]], Awaitable[dict]]
 Evaluate = Callable[[Sequence[int]], Awaitable[dict]]  # -> {"success": ..., ...}
-
-
-def train_seeds(iteration: int, count: int, seed: int) -> list[int]:
-    rng = random.Random(f"train-seeds:{seed}:{iteration}")
-    return [rng.randrange(EVAL_SEED_BASE) for _ in range(count)]
-
-
-def eval_seeds(count: int) -> list[int]:
-    return [EVAL_SEED_BASE + i for i in range(count)]
 
 
 @dataclass
@@ -49,7 +44,6 @@ class LoopResult:
     train_success: list[float] = field(default_factory=list)  # per collection, student-acted success
     curve: list[dict] = field(default_factory=list)  # {"step", "labels", "episodes", "success", ...}
     evicted: int = 0
-    untrainable_turns: int = 0
     last_metrics: dict = field(default_factory=dict)
 
     @property
@@ -113,7 +107,6 @@ async def _collect(cfg, collect, iteration, seed, tokenizer, buffer, budget, res
     acted = [e for e in episodes if any(t.actor == STUDENT for t in e.turns)]
     res.train_success.append(sum(e.success for e in episodes) / max(len(episodes), 1))
     trajectories = [trajectory_sample(e, tokenizer, index=i) for i, e in enumerate(acted)]
-    res.untrainable_turns += sum(t.reward_info.get("untrainable_turns", 0) for t in trajectories)
     log.info("iteration %d: beta=%.3f episodes=%d labels=%d (total %d) buffer=%d", iteration, beta,
              len(episodes), len(labels), res.labels, len(buffer))
     return trajectories

@@ -116,7 +116,10 @@ class Actor:
             samples, closed_below = await self._fetch(batch)
             if not samples:
                 raise ValueError("train_step got an empty batch")
-            collated = await asyncio.to_thread(collate, samples, self.pad_id)  # overlaps the step before
+            # An algorithm with its own data store (DAgger's labels) picks the rows from the queue's
+            # samples in step order, so under the turn; others collate while the step before trains.
+            rows_of = getattr(self.algorithm, "training_rows", None)
+            collated = None if rows_of else await asyncio.to_thread(collate, samples, self.pad_id)
             async with self._turn:
                 await self._turn.wait_for(lambda: self._my_turn(expect_version))
                 self._training = True
@@ -130,6 +133,8 @@ class Actor:
                 raise RuntimeError(f"samples trained twice: {duplicated[:5]}")
             self.trained.record((s.uid for s in samples), closed_below)
             self.trained_count += len(samples)
+            if rows_of is not None:
+                collated = collate(rows_of(samples), self.pad_id)
             trained_on = self.engine.version
             start = time.time()
             batch = self.algorithm.prepare(collated)
@@ -239,6 +244,8 @@ class Actor:
         await asyncio.to_thread(self.engine.save_checkpoint, path)
         state = {"trained": self.trained.state(), "trained_count": self.trained_count,
                  "python_rng": _jsonable(random.getstate()), "numpy_rng": _numpy_rng_state()}
+        if hasattr(self.algorithm, "state_dict"):  # e.g. DAgger's aggregated labels
+            state["algorithm"] = self.algorithm.state_dict()
         with open(os.path.join(path, ACTOR_STATE), "w") as f:
             json.dump(state, f)
         return path
@@ -251,6 +258,8 @@ class Actor:
         self.trained = (TrainedLedger.from_state(state["trained"]) if "trained" in state
                         else TrainedLedger.from_uids(state["trained_uids"]))  # a checkpoint from before the ledger
         self.trained_count = int(state["trained_count"])
+        if "algorithm" in state:
+            self.algorithm.load_state_dict(state["algorithm"])
         random.setstate(_tupled(state["python_rng"]))
         _set_numpy_rng_state(state["numpy_rng"])
         await self._publish()

@@ -1,34 +1,34 @@
-"""Episode rollout role: plays whole multi-turn episodes with the newest published weights.
+"""Episode rollout role: the rollout of a multi-turn run. Plays whole episodes, token-in/token-out.
 
-One request is a batch of episodes; they run concurrently on the replica's event loop. Each
-student action is one call to ``_act``, which ``serve.batch`` merges across all episodes (and
-requests) waiting at that moment; env steps run in a thread pool, so an episode waiting on a slow
-tool blocks nobody. The teacher is the env's expert, or a checkpoint served by the teacher
-deployment (``Teacher.act``). Student actions are sampled, and their behaviour log-probs taken, at
-the rollout's temperature; greedy requests (temperature 0, evaluation) report T=1 log-probs.
+It takes the driver's requests like the single-turn rollout (``generate(requests, route)``): a
+request is a few queue groups (``EpisodeGroup``: ``n`` episodes of one env seed), sent down the
+same ``Route`` (relaxrl/services/chain.py) once their samples are built, so they reach the
+staleness-bounded queue with the same accounting, retries and checkpoints as single-turn groups.
+Episodes run concurrently on the replica's event loop. Each student action is one call to
+``_act_batch``, which ``serve.batch`` merges across all episodes (and requests) waiting at that
+moment; env steps run in a thread pool, so an episode waiting on a slow tool blocks nobody. The
+teacher is the env's expert, or a checkpoint served by the teacher deployment (``Teacher.act``).
+Student actions are sampled, and their behaviour log-probs taken, at the rollout's temperature;
+greedy requests (temperature 0, evaluation) report T=1 log-probs.
+
+Weights are synced between requests, so a request's episodes start on one version; a request
+running alongside may load newer weights mid-episode, and each action records the version that
+sampled it (``Sample.token_versions``; the queue bounds the oldest).
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional, Sequence
 
 from ray import serve
 
 from relaxrl.engines.base import Generation, SamplingParams
-from relaxrl.services.common import WeightFollower, quiet_replica_logs, set_threads
-
-
-@dataclass
-class EpisodeRequest:
-    seeds: list[int]
-    beta: float  # teacher probability per turn
-    prefix: str  # episode ids are "<prefix>-<i>/<j>"
-    group_size: int = 1
-    temperature: Optional[float] = None  # None: the rollout's sampling temperature; 0: greedy
-    with_teacher: bool = True  # False: no labels (evaluation, outcome-only RL)
+from relaxrl.services.chain import Forwarder, Route
+from relaxrl.services.common import WeightFollower, keep_off_cpus, quiet_replica_logs, set_threads
 
 
 class HandlePolicy:
@@ -49,7 +49,7 @@ class EpisodeRollout:
         *,
         env: dict,
         sampling: dict,
-        teacher: str = "expert",  # expert | checkpoint | none
+        teacher: str = "none",  # expert | checkpoint | none
         teacher_app: Optional[str] = None,  # Serve app of the teacher deployment (teacher=checkpoint)
         dtype: str = "float32",
         torch_threads: int = 1,
@@ -59,19 +59,27 @@ class EpisodeRollout:
         batch_max: int = 64,
         batch_wait_s: float = 0.005,
         seed: int = 0,
+        prompt_template: Optional[str] = None,
+        avoid_cpus: Sequence[int] = (),
     ) -> None:
         from relaxrl.engines.hf_generation import HFGenerationEngine
+        from relaxrl.envs.chat_tokens import ChatFormat
         from relaxrl.envs.episodes import ExpertTeacher, ModelTeacher
 
         quiet_replica_logs()
+        keep_off_cpus(avoid_cpus)
         set_threads(torch_threads)
         self.engine = HFGenerationEngine.from_pretrained(model_dir, dtype=dtype, torch_threads=torch_threads,
                                                          role="episode rollout")
         self.tokenizer = self.engine.tokenizer
+        self.fmt = ChatFormat(self.tokenizer, prompt_template)
         self.weights = WeightFollower(self.engine, store_name, namespace)
         self.env_cfg = dict(env)
         self.sampling = SamplingParams(temperature=sampling["temperature"], top_p=sampling.get("top_p", 1.0))
         self.pool = ThreadPoolExecutor(max_workers=env_workers, thread_name_prefix="env")
+        self.forwarder = Forwarder()
+        # Weights load on the event loop, generation in a thread: never both at once.
+        self._engine_lock = asyncio.Lock()
         self.seed, self.calls, self.actions = seed, 0, 0  # generate calls vs student actions: the batching
         if teacher == "expert":
             self.teacher = ExpertTeacher()
@@ -86,26 +94,57 @@ class EpisodeRollout:
         self._act_batch.set_max_batch_size(batch_max)
         self._act_batch.set_batch_wait_timeout_s(batch_wait_s)
 
-    async def episodes(self, request: EpisodeRequest) -> list:
-        from relaxrl.envs.episodes import run_episodes
+    def _student(self, temperature: float):
+        async def student(state_ids: list[int], max_new_tokens: int):
+            return await self._act_batch((state_ids, max_new_tokens, temperature))
+
+        return student
+
+    async def _play(self, seeds: Sequence[tuple[str, int, int, float, bool]], temperature: float) -> list:
+        """Episodes ``(episode id, group id, seed, beta, with_teacher)`` played concurrently."""
+        from relaxrl.envs.episodes import run_episode
         from relaxrl.envs.registry import make_env
 
-        await self.weights.sync()  # between requests: one collection sees one version
-        temp = self.sampling.temperature if request.temperature is None else request.temperature
+        student, version = self._student(temperature), self.engine.version
+        return list(await asyncio.gather(*(
+            run_episode(make_env(**self.env_cfg), seed, tokenizer=self.tokenizer, student=student,
+                        teacher=self.teacher if with_teacher else None, beta=beta, episode_id=eid, group_id=gid,
+                        executor=self.pool, start_version=version, fmt=self.fmt)
+            for eid, gid, seed, beta, with_teacher in seeds)))
 
-        async def student(state_ids: list[int], max_new_tokens: int):
-            return await self._act_batch((state_ids, max_new_tokens, temp))
+    async def generate(self, requests: list, route: Optional[Route] = None) -> Any:
+        """Play each group's episodes and send their trajectory samples (one per episode, index =
+        episode) on along ``route``; without one, return them. A request sent ahead of the weights
+        it needs (``min_version``) waits for their publication first."""
+        from relaxrl.envs.episodes import trajectory_sample
 
-        return await run_episodes(
-            lambda: make_env(**self.env_cfg), request.seeds, group_size=request.group_size, prefix=request.prefix,
-            tokenizer=self.tokenizer, student=student, teacher=self.teacher if request.with_teacher else None,
-            beta=request.beta, executor=self.pool,
-        )
+        need = max((r.min_version for r in requests), default=0)
+        await self.weights.wait_for(need)
+        async with self._engine_lock:  # between requests: a request's episodes start on one version
+            timings = await self.weights.sync()
+        gen_start = time.time()
+        plan = [(f"{r.group_id}/e{j}", r.group_id, r.seed, r.beta, r.with_teacher) for r in requests for j in range(r.n)]
+        episodes = await self._play(plan, self.sampling.temperature)
+        timings = {**timings, "gen_start": gen_start, "gen_end": time.time()}
+        samples, it = [], iter(episodes)
+        for r in requests:
+            for j in range(r.n):
+                s = trajectory_sample(next(it), index=j, uid=f"{r.group_id}/{j}")
+                s.env, s.timings = r.env, timings
+                samples.append(s)
+        return await self.forwarder.forward(samples, route)
+
+    async def evaluate(self, seeds: list[int], temperature: Optional[float] = None) -> dict:
+        """Held-out success of the student alone on ``seeds`` with the newest weights (mean turns too)."""
+        async with self._engine_lock:
+            await self.weights.sync()
+        temp = self.sampling.temperature if temperature is None else temperature
+        eps = await self._play([(f"eval-{s}", f"eval-{s}", s, 0.0, False) for s in seeds], temp)
+        return {"success": sum(e.success for e in eps) / len(eps), "turns": sum(len(e.turns) for e in eps) / len(eps),
+                "version": self.engine.version}
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
     async def _act_batch(self, items: list[tuple[list[int], int, float]]) -> list[tuple[Generation, int]]:
-        import asyncio
-
         out: list = [None] * len(items)
         self.actions += len(items)
         for temp in sorted({t for _, _, t in items}):  # one generate call per temperature in the batch
@@ -113,13 +152,50 @@ class EpisodeRollout:
             self.calls += 1
             params = dataclasses.replace(self.sampling, temperature=temp, seed=self.seed * 1_000_003 + self.calls,
                                          max_new_tokens=max(items[i][1] for i in idx))
-            gens = await asyncio.to_thread(self.engine.generate, [items[i][0] for i in idx], params)
+            async with self._engine_lock:
+                version = self.engine.version
+                gens = await asyncio.to_thread(self.engine.generate, [items[i][0] for i in idx], params)
             for i, g in zip(idx, gens):
                 n = items[i][1]
                 if len(g.response_ids) > n:
                     g = Generation(g.response_ids[:n], g.logprobs[:n], "length")
-                out[i] = (g, self.engine.version)
+                out[i] = (g, version)
         return out
 
     def stats(self) -> dict:
         return {"version": self.engine.version, "generate_calls": self.calls, "student_actions": self.actions}
+
+
+class EpisodeHeldout:
+    """The step hook (``driver.StepHook``) of a multi-turn run: at step 0, every ``every`` steps and
+    at the last, the student alone plays the held-out seeds (``eval_seeds``) on the episode rollout
+    with the weights just published, sampled at the rollout temperature and greedy. Logs
+    ``eval/success``, ``eval/success_greedy`` (and mean turns) like training metrics; keeps the
+    last step's DAgger label counts for the summary."""
+
+    def __init__(self, rollout: Any, monitor: Any, *, every: int, last_step: int, episodes: int) -> None:
+        from relaxrl.envs.episodes import eval_seeds
+
+        self.rollout, self.monitor = rollout, monitor
+        self.every, self.last_step, self.seeds = every, last_step, eval_seeds(episodes)
+        self.history: list[dict] = []
+        self.last_metrics: dict = {}
+
+    def due(self, step: int) -> bool:
+        if step in (0, self.last_step):
+            return True
+        return bool(self.every) and step % self.every == 0
+
+    async def __call__(self, roles: Any, step: int, metrics: dict) -> dict:
+        if metrics:
+            self.last_metrics = dict(metrics)
+        if not self.due(step):
+            return {}
+        sampled, greedy = await asyncio.gather(self.rollout.evaluate.remote(self.seeds),
+                                               self.rollout.evaluate.remote(self.seeds, 0.0))
+        out = {"eval/success": sampled["success"], "eval/success_greedy": greedy["success"],
+               "eval/turns": sampled["turns"], "eval/n": len(self.seeds)}
+        self.history.append({"step": step, **out})
+        if step == 0:
+            self.monitor.log(0, out, advance=False)
+        return out

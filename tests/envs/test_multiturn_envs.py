@@ -4,9 +4,7 @@ import pytest
 
 from relaxrl.envs.calculator import USAGE, CalculatorEnv
 from relaxrl.envs.guess import GuessEnv
-from relaxrl.envs.multiturn import messages_of, render_episode, render_ids
 from relaxrl.envs.registry import make_env
-from relaxrl.models.tiny import build_tokenizer
 
 
 def play_expert(env, seed):
@@ -109,23 +107,3 @@ def test_calculator_wrong_answer_and_bad_config():
 def test_registry_builds_multiturn_envs():
     assert isinstance(make_env(name="guess", high=7), GuessEnv)
     assert isinstance(make_env(name="calculator"), CalculatorEnv)
-
-
-def test_render_episode_masks_exactly_the_policy_tokens():
-    tok = build_tokenizer()
-    msgs = messages_of("7+8", ["calc(7+8)", "answer(15)"], ["=15"])
-    ids, mask, spans = render_episode(tok, msgs)
-    assert ids == render_ids(tok, msgs, False)
-    policy = "".join(tok.convert_ids_to_tokens([i for i, m in zip(ids, mask) if m]))
-    env_part = "".join(tok.convert_ids_to_tokens([i for i, m in zip(ids, mask) if not m]))
-    assert policy == "calc(7+8)<eos>answer(15)<eos>"  # actions and their end-of-turn tokens
-    assert env_part == "<|user|>7+8<|assistant|><|user|>=15<|assistant|>"  # env/tool/template: 0
-    assert [tok.decode(ids[a:b]) for a, b in spans] == ["calc(7+8)<eos>", "answer(15)<eos>"]
-
-
-def test_render_refuses_a_template_that_rewrites_history():
-    tok = build_tokenizer()
-    # A template that shows only the last message: a prefix is not a token prefix of the whole.
-    tok.chat_template = "{{ messages[-1]['content'] }}"
-    with pytest.raises(ValueError, match="prefix"):
-        render_episode(tok, messages_of("ab", ["c"], ["d"]))
