@@ -216,3 +216,192 @@ class HFGenerationEngine:
                     chosen = token_logprobs(self.model, ids, mask, temperature)
             lps += gather_response(chosen.cpu(), plens, lengths)
         return Scored(lps, top_ids if top_k > 0 else None, top_lps if top_k > 0 else None)
+
+
+class _Job:
+    """One request of the streaming HF engine: its response so far and where it goes when done."""
+
+    __slots__ = ("prompt", "params", "ids", "logprobs", "versions", "future", "stopped")
+
+    def __init__(self, prompt: list[int], params: SamplingParams, future) -> None:
+        self.prompt = prompt
+        self.params = params
+        self.ids: list[int] = []
+        self.logprobs: list[float] = []
+        self.versions: list[int] = []
+        self.future = future
+        self.stopped = False
+
+    @property
+    def remaining(self) -> int:
+        return self.params.max_new_tokens - len(self.ids)
+
+    def result(self) -> Generation:
+        return Generation(self.ids, self.logprobs, "stop" if self.stopped else "length", list(self.versions))
+
+
+def sampling_key(params: SamplingParams) -> tuple:
+    """Requests that may share a generate call: same temperature and top-p."""
+    return (float(params.temperature), float(params.top_p))
+
+
+class StreamingHFEngine:
+    """``StreamingGenerationEngine`` on the HF engine by chunked generation (the simple CPU path).
+
+    One thread runs the engine in chunks of ``chunk_tokens`` new tokens over every request in
+    flight: a request joins at the next chunk boundary and returns at the first boundary after its
+    own response ends, so it never waits for a longer response of another request. Weight updates
+    land between chunks. Each chunk prefills its rows again (prompt plus the response so far) rather
+    than keep a KV cache, so every token after an update is sampled and scored by the new weights
+    alone, with the context recomputed: the behaviour log-probs equal the new policy's exactly.
+
+    transformers' own continuous batching (``generate_batch``) is not used: it exposes neither the
+    per-token log-probs before top-p nor a point between steps to change weights.
+    """
+
+    def __init__(self, engine: HFGenerationEngine, *, chunk_tokens: int = 16) -> None:
+        import queue
+        import threading
+
+        if chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.lora_on = engine.lora_on
+        self.chunk_tokens = int(chunk_tokens)
+        self.loads = 0
+        self.load_bytes = 0
+        self.tokens_streamed = 0
+        self.chunks = 0
+        self._inbox: "queue.Queue" = queue.Queue()  # new jobs, weight payloads, or None (stop)
+        self._thread = threading.Thread(target=self._run, daemon=True, name="hf-streaming-engine")
+        self._thread.start()
+
+    @property
+    def version(self) -> int:
+        return self.engine.version
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.engine.model
+
+    # ------------------------------------------------------------------ requests
+
+    def submit(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list:
+        """One ``concurrent.futures.Future`` of a ``Generation`` per prompt."""
+        from concurrent.futures import Future
+
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("generate() needs non-empty prompts")
+        if params.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {params.max_new_tokens}")
+        if not self._thread.is_alive():
+            raise RuntimeError("the streaming HF engine is closed")
+        futures = []
+        for i, p in enumerate(prompts):
+            seed = None if params.seed is None else int(params.seed) * 1_000_003 + i
+            f: Future = Future()
+            self._inbox.put(_Job([int(t) for t in p], SamplingParams(params.temperature, params.top_p,
+                                                                      params.max_new_tokens, seed), f))
+            futures.append(f)
+        return futures
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Generation]:
+        return [f.result() for f in self.submit(prompts, params)]
+
+    async def agenerate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Generation]:
+        import asyncio
+
+        return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in self.submit(prompts, params))))
+
+    # ------------------------------------------------------------------ weights
+
+    def load_weights(self, payload: WeightPayload) -> None:
+        """Load at the next chunk boundary (at once when idle); returns once loaded."""
+        self.submit_weights(payload).result()
+
+    async def aload_weights(self, payload: WeightPayload) -> None:
+        import asyncio
+
+        await asyncio.wrap_future(self.submit_weights(payload))
+
+    def submit_weights(self, payload: WeightPayload):
+        from concurrent.futures import Future
+
+        check_payload_kind(payload, self.lora_on)
+        f: Future = Future()
+        self._inbox.put((payload, f))
+        return f
+
+    # ------------------------------------------------------------------ the loop
+
+    def _run(self) -> None:
+        import queue
+
+        active: list[_Job] = []
+        while True:
+            items = []
+            try:  # block only when nothing is in flight
+                items.append(self._inbox.get(block=not active))
+                while True:
+                    items.append(self._inbox.get_nowait())
+            except queue.Empty:
+                pass
+            for item in items:
+                if item is None:
+                    for job in active:
+                        job.future.set_exception(RuntimeError("the streaming HF engine was closed"))
+                    return
+                if isinstance(item, _Job):
+                    active.append(item)
+                else:
+                    self._load(*item)
+            if active:
+                active = self._chunk(active)
+
+    def _load(self, payload: WeightPayload, future) -> None:
+        try:
+            self.engine.load_weights(payload)
+            self.loads += 1
+            self.load_bytes += payload.nbytes
+            future.set_result(None)
+        except BaseException as e:  # the caller sees it; the loop goes on with the old weights
+            future.set_exception(e)
+
+    def _chunk(self, active: list[_Job]) -> list[_Job]:
+        """``chunk_tokens`` more tokens for every job (one generate call per sampling setting);
+        returns the jobs still unfinished."""
+        groups: dict[tuple, list[_Job]] = {}
+        for job in active:
+            groups.setdefault(sampling_key(job.params), []).append(job)
+        left = []
+        for jobs in groups.values():
+            n = min(self.chunk_tokens, max(j.remaining for j in jobs))
+            first = jobs[0].params
+            seed = None if first.seed is None else (first.seed + 7919 * self.chunks) % (2**63 - 1)
+            params = SamplingParams(first.temperature, first.top_p, n, seed)
+            version = self.engine.version
+            try:
+                gens = self.engine.generate([j.prompt + j.ids for j in jobs], params)
+            except BaseException as e:
+                for j in jobs:
+                    j.future.set_exception(e)
+                continue
+            for j, g in zip(jobs, gens):
+                k = min(len(g.response_ids), j.remaining)
+                j.ids += g.response_ids[:k]
+                j.logprobs += g.logprobs[:k]
+                j.versions += [version] * k
+                self.tokens_streamed += k
+                j.stopped = g.finish_reason == "stop" and k == len(g.response_ids)
+                if j.stopped or j.remaining <= 0:
+                    j.future.set_result(j.result())
+                else:
+                    left.append(j)
+        self.chunks += 1
+        return left
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._inbox.put(None)
+            self._thread.join(timeout=30)
