@@ -20,6 +20,7 @@ from relaxrl.engines.options import DeepSpeedOptions, VLLMOptions, WeightSyncOpt
 from relaxrl.envs.json_answer import JsonAnswerEnvConfig
 from relaxrl.envs.mixture import MixtureEnvConfig
 from relaxrl.envs.plugins import CustomEnvConfig
+from relaxrl.envs.agent import AgentConfig
 from relaxrl.faults import FaultConfig
 from relaxrl.models.lora import LoraConfig
 from relaxrl.pipeline.config import PipelineConfig
@@ -222,6 +223,7 @@ class Config:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)  # stages; empty: a single run
     weight_sync: WeightSyncOptions = field(default_factory=WeightSyncOptions)  # trainer -> rollout weights
     faults: FaultConfig = field(default_factory=FaultConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)  # agent code behind an OpenAI endpoint; off by default
     resume: Optional[str] = None  # true: newest checkpoint of run_dir; or a checkpoint / run directory path
 
 
