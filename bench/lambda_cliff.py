@@ -38,8 +38,9 @@ sys.path.insert(0, str(ROOT))
 from bench import plot_lambda_cliff  # noqa: E402  (after the path insert)
 from bench.plotting import save_plot  # noqa: E402
 
-BASE_GRID = [0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0]
-CLIFF_FRACTION = 0.9  # the cliff: validity below this fraction of the λ = 1 run's
+BASE_GRID = [0.5, 1.0, 2.0, 4.0]  # coarse; the fine grid around each prediction is added
+FINE = (0.8, 0.9, 1.0, 1.1, 1.2)  # × the prediction: a resolution of 10% of it
+CLIFF_FRACTION = 0.9  # the cliff: validity below this fraction of the reference (the λ = 1 run's, the base's)
 
 
 def compose(overrides: list[str]):
@@ -51,8 +52,9 @@ def compose(overrides: list[str]):
         return hydra_compose(config_name="config", overrides=["+experiment=lambda_cliff", *overrides])
 
 
-def measure_pbc(toy: "Toy", n_prompts: int = 64) -> dict:
-    """p, b (binding structural class) and λ* from the base's own samples, before any training."""
+def measure_pbc(toy: "Toy", clips: list[float], n_prompts: int = 64) -> dict:
+    """p, b (binding structural class) and λ* per clip strength from the base's own samples, and the
+    base's parse validity, before any training."""
     from relaxrl.algorithms import make_algorithm
     from relaxrl.engines.base import SamplingParams
     from relaxrl.launch import plain
@@ -62,8 +64,8 @@ def measure_pbc(toy: "Toy", n_prompts: int = 64) -> dict:
     cfg, base, teacher = toy.cfg, toy.base, toy.teacher
     tasks = toy.env.tasks("train", cfg.seed + 12_345)  # not the runs' prompt stream
     r = cfg.rollout
-    prompts = [render_prompt_ids(base.tokenizer, next(tasks).prompt) for _ in range(n_prompts)]
-    prompts = [p for p in prompts for _ in range(r.group_size)]
+    group = [next(tasks) for _ in range(n_prompts)]
+    prompts = [render_prompt_ids(base.tokenizer, t.prompt) for t in group for _ in range(r.group_size)]
     params = SamplingParams(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens, seed=cfg.seed)
     gens = base.generate(prompts, params)
     seqs = [p + g.response_ids for p, g in zip(prompts, gens)]
@@ -75,10 +77,16 @@ def measure_pbc(toy: "Toy", n_prompts: int = 64) -> dict:
         for i, (p, g, t, bl) in enumerate(zip(prompts, gens, t_lp, b_lp))
     ]
     batch = collate(samples, base.pad_id)
-    algo = make_algorithm({**plain(cfg.algorithm), "ema": 0.0, "schedule": "fixed"})
-    est = algo.step_lambda(batch)
-    token = base.tokenizer.convert_ids_to_tokens(int(est["binding_class"])) if est["binding_class"] >= 0 else "?"
-    return {**est, "binding_token": token, "samples": len(samples)}
+    by_c = {}
+    for c in clips:  # the binding class is the one with the smallest λ*, which may depend on c
+        est = make_algorithm({**plain(cfg.algorithm), "ema": 0.0, "schedule": "fixed", "clip_c": c}).step_lambda(batch)
+        tok = int(est["binding_class"])
+        by_c[c] = {**est, "binding_token": base.tokenizer.convert_ids_to_tokens(tok) if tok >= 0 else "?"}
+    valid = [toy.env.response_info(base.tokenizer.decode(g.response_ids[:-1] if g.finish_reason == "stop" else
+                                                         g.response_ids, skip_special_tokens=True),
+                                   group[i // r.group_size])["valid"] for i, g in enumerate(gens)]
+    return {"by_c": by_c, "structural_positions": by_c[clips[0]]["structural_positions"], "samples": len(samples),
+            "base_validity": sum(valid) / len(valid)}
 
 
 class Toy:
@@ -169,25 +177,76 @@ def tail_metrics(steps: list[dict], tail: float) -> dict:
 
 
 def make_grid(predicted: float, base_grid: list[float]) -> list[float]:
-    """The base grid plus points at 0.8, 0.9, 1, 1.1 and 1.2 × the prediction (also outside the base
-    grid, so the prediction is always bracketed by runs; at most twice the grid's top)."""
-    extra = [predicted * f for f in (0.8, 0.9, 1.0, 1.1, 1.2)] if math.isfinite(predicted) else []
-    return sorted({round(x, 2) for x in base_grid + [e for e in extra if 0 < e <= 2 * max(base_grid)]})
+    """The base grid plus the fine grid 0.8, 0.9, ..., 1.2 × the prediction (resolution 10% of it,
+    so the prediction is always bracketed by runs; points above twice the grid's top are left out)."""
+    extra = [predicted * f for f in FINE] if math.isfinite(predicted) else []
+    return sorted({round(x, 3) for x in base_grid + [e for e in extra if 0 < e <= 2 * max(base_grid)]})
 
 
-def observed_interval(results: dict[float, dict], baseline_validity: float) -> tuple[float, float]:
-    """The grid step [A, B] in which validity first falls below CLIFF_FRACTION × the λ=1 run's."""
-    grid = sorted(results)
-    for prev, cur in zip(grid, grid[1:]):
-        if cur > 1.0 and results[cur]["validity"] < CLIFF_FRACTION * baseline_validity:
-            return prev, cur
+def observed_interval(results: dict[float, dict], reference_validity: float) -> tuple[float, float]:
+    """The grid step [A, B] in which validity first falls below CLIFF_FRACTION × the reference
+    (the λ = 1 run's, or the base's); A = 0 when the grid's first point is already below."""
+    prev = 0.0
+    for lam in sorted(results):
+        if results[lam]["validity"] < CLIFF_FRACTION * reference_validity:
+            return prev, lam
+        prev = lam
     return math.nan, math.nan
+
+
+def inside(predicted: float, interval: tuple[float, float]) -> bool:
+    lo, hi = interval
+    return bool(math.isfinite(lo) and lo <= predicted <= hi)
+
+
+def preregister(pre: dict, clips: list[float], base_grid: list[float], fast: bool, path: Path) -> dict[float, list]:
+    """Print and write the locked predictions and each clip's grid before any sweep run."""
+    grids = {}
+    for c in clips:
+        e = pre["by_c"][c]
+        grids[c] = sorted(base_grid) if fast else make_grid(e["lambda_star"], base_grid)
+        print(f"pre-registered: c={c:g} p={e['p']:.4f} b={e['b']:.4f} binding_token={e['binding_token']!r} "
+              f"structural_positions={int(pre['structural_positions'])} base_validity={pre['base_validity']:.3f} "
+              f"predicted_lambda_star={e['lambda_star']:.3f}", flush=True)
+        print(f"grid (c={c:g}): {grids[c]}", flush=True)
+    path.write_text(json.dumps({"prereg": pre, "grids": {str(c): g for c, g in grids.items()},
+                                "locked_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+                               indent=1, default=float))
+    return grids
+
+
+def sweep(toy: Toy, overrides: list[str], c: float, predicted: float, grid: list[float], pre: dict,
+          args, out: Path) -> dict:
+    """The fixed-λ runs and the scheduler run at clip c; the observed intervals and verdicts."""
+    results: dict[float, dict] = {}
+    at_c = [*overrides, f"algorithm.clip_c={c}"]
+    for lam in grid:
+        run = run_one(toy, compose(at_c + [f"algorithm.lam={lam}", f"run_dir={out}/c{c:g}/lam_{lam}"]), args.seed)
+        results[lam] = tail_metrics(run["steps"], args.tail)
+        print(f"c={c:g} lambda={lam:<6} validity={results[lam]['validity']:.3f} "
+              f"accuracy={results[lam]['accuracy']:.3f} lambda_star_est={results[lam]['lambda_star_last']:.3f} "
+              f"wall_s={run['wall_s']:.0f}", flush=True)
+    target = max(grid)
+    run = run_one(toy, compose(at_c + ["algorithm.schedule=lambda_star", f"algorithm.lam={target}",
+                                       f"run_dir={out}/c{c:g}/scheduler"]), args.seed)
+    sched = tail_metrics(run["steps"], args.tail)
+    print(f"c={c:g} scheduler (target={target}): lambda_mean={sched['lambda_mean']:.3f} "
+          f"validity={sched['validity']:.3f} accuracy={sched['accuracy']:.3f} wall_s={run['wall_s']:.0f}", flush=True)
+    base = results[1.0]
+    observed = observed_interval(results, base["validity"])
+    vs_base = observed_interval(results, pre["base_validity"])
+    return {"c": c, "grid": grid, "results": {str(k): v for k, v in results.items()}, "scheduler": sched,
+            "observed": list(observed), "observed_vs_base": list(vs_base), "predicted": predicted,
+            "prediction_inside": inside(predicted, observed), "inside_vs_base": inside(predicted, vs_base),
+            "scheduler_validity_ratio": sched["validity"] / base["validity"]}
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fast", action="store_true", help="λ in {1, 3} + scheduler, few steps (the test's version)")
-    ap.add_argument("--grid", type=str, default=None, help="comma-separated base grid (default 0.5..4)")
+    ap.add_argument("--grid", type=str, default=None, help="comma-separated coarse grid (default 0.5,1,2,4)")
+    ap.add_argument("--clips", type=str, default="2,4",
+                    help="clip strengths c: the first is the main test, the second the cross-prediction")
     ap.add_argument("--steps", type=int, default=None, help="trainer steps per run")
     ap.add_argument("--tail", type=float, default=0.25, help="fraction of final steps the metrics average over")
     ap.add_argument("--out", type=str, default="runs/lambda_cliff", help="run dirs and results.json go here")
@@ -200,63 +259,71 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     torch.set_num_threads(1)
+    t0 = time.time()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     overrides = list(args.overrides) + ["logger.progress=false", "trainer.save_final=false"]
     if args.steps is not None:
         overrides.append(f"trainer.steps={args.steps}")
-    base_grid = [1.0, 3.0] if args.fast else BASE_GRID
+    base_grid = [1.0, 3.0] if args.fast else list(BASE_GRID)
     if args.grid:
         base_grid = [float(x) for x in args.grid.split(",")]
     if 1.0 not in base_grid:
         base_grid.append(1.0)  # the baseline (plain OPD)
+    clips = [float(x) for x in args.clips.split(",")]
+    if len(clips) != 2:
+        raise SystemExit(f"--clips takes two clip strengths (the test and the cross-prediction), got {args.clips!r}")
 
     cfg0 = compose(overrides + [f"run_dir={out}/prereg"])
+    clip_reference = cfg0.algorithm.clip_reference
     toy = Toy(cfg0)
-    pre = measure_pbc(toy)
-    predicted = pre["lambda_star"]
-    print(f"pre-registered: p={pre['p']:.4f} b={pre['b']:.4f} c={pre['c']:g} binding_token={pre['binding_token']!r} "
-          f"structural_positions={int(pre['structural_positions'])} predicted_lambda_star={predicted:.3f}", flush=True)
-    grid = sorted(base_grid) if args.fast else make_grid(predicted, base_grid)
-    print(f"grid: {grid}", flush=True)
+    pre = measure_pbc(toy, clips)
+    grids = preregister(pre, clips, base_grid, args.fast, out / "prereg.json")
 
-    results: dict[float, dict] = {}
-    for lam in grid:
-        run = run_one(toy, compose(overrides + [f"algorithm.lam={lam}", f"run_dir={out}/lam_{lam}"]), args.seed)
-        results[lam] = tail_metrics(run["steps"], args.tail)
-        print(f"lambda={lam:<5} validity={results[lam]['validity']:.3f} accuracy={results[lam]['accuracy']:.3f} "
-              f"lambda_star_est={results[lam]['lambda_star_last']:.3f} wall_s={run['wall_s']:.0f}", flush=True)
-    target = max(grid)
-    run = run_one(toy, compose(overrides + ["algorithm.schedule=lambda_star", f"algorithm.lam={target}",
-                                            f"run_dir={out}/scheduler"]), args.seed)
-    sched = tail_metrics(run["steps"], args.tail)
-    print(f"scheduler (target={target}): lambda_mean={sched['lambda_mean']:.3f} validity={sched['validity']:.3f} "
-          f"accuracy={sched['accuracy']:.3f} wall_s={run['wall_s']:.0f}", flush=True)
-
-    base = results[1.0]
-    lo, hi = observed_interval(results, base["validity"])
-    inside = lo <= predicted <= hi if math.isfinite(lo) else False
-    report = {"prereg": pre, "grid": grid, "results": {str(k): v for k, v in results.items()}, "scheduler": sched,
-              "observed": [lo, hi], "predicted": predicted, "prediction_inside": inside,
-              "scheduler_validity_ratio": sched["validity"] / base["validity"]}
+    sweeps = [sweep(toy, overrides, c, pre["by_c"][c]["lambda_star"], grids[c], pre, args, out) for c in clips]
+    main_c, cross = sweeps
+    report = {**main_c, "prereg": {**pre, **pre["by_c"][clips[0]]}, "cross": cross,
+              "clip_reference": clip_reference, "wall_s": time.time() - t0}
     (out / "results.json").write_text(json.dumps(report, indent=1, default=float))
     finish(report, out / "results.json", out / "lambda_cliff.png" if args.plot is None else args.plot)
     return report
 
 
+def _yes(x: bool) -> str:
+    return "yes" if x else "no"
+
+
 def summary_line(report: dict) -> str:
     base, sched = report["results"]["1.0"], report["scheduler"]
     lo, hi = report["observed"]
-    return (f"lambda_cliff: predicted={report['predicted']:.3f} observed_lo={lo:.2f} observed_hi={hi:.2f} "
+    line = (f"lambda_cliff: predicted={report['predicted']:.3f} observed_lo={lo:.2f} observed_hi={hi:.2f} "
             f"scheduler_validity={sched['validity']:.3f} baseline_validity={base['validity']:.3f} "
             f"scheduler_accuracy={sched['accuracy']:.3f} baseline_accuracy={base['accuracy']:.3f}")
+    cross = report.get("cross")
+    if cross is not None:
+        clo, chi = cross["observed"]
+        line += (f" inside={_yes(report['prediction_inside'])} c={report['c']:g} cross_c={cross['c']:g} "
+                 f"cross_predicted={cross['predicted']:.3f} cross_observed_lo={clo:.2f} cross_observed_hi={chi:.2f} "
+                 f"cross_inside={_yes(cross['prediction_inside'])}")
+    if "clip_reference" in report:
+        line += f" clip_reference={report['clip_reference']}"
+    return line
+
+
+def verdict(r: dict) -> str:
+    lo, hi = r.get("observed_vs_base", (math.nan, math.nan))
+    return (f"c={r.get('c', '?')}: predicted λ*={r['predicted']:.3f}; observed (90% of λ=1) {r['observed']}, "
+            f"inside={_yes(r['prediction_inside'])}; observed (90% of the base's validity) [{lo}, {hi}], "
+            f"inside={_yes(r.get('inside_vs_base', False))}; scheduler validity / λ=1 validity = "
+            f"{r['scheduler_validity_ratio']:.3f}")
 
 
 def finish(report: dict, results_path, plot_path) -> None:
-    """The verdict and the summary line first, then the plot (skipped, with the install hint, without
+    """The verdicts and the summary line first, then the plot (skipped, with the install hint, without
     matplotlib), so the sweep's numbers are printed whatever happens to the plot."""
-    print(f"prediction inside observed interval: {report['prediction_inside']}; scheduler validity / baseline "
-          f"validity = {report['scheduler_validity_ratio']:.3f}; results in {results_path}")
+    for r in [report] + ([report["cross"]] if report.get("cross") else []):
+        print(verdict(r))
+    print(f"results in {results_path}" + (f"; wall {report['wall_s']:.0f} s" if "wall_s" in report else ""))
     print(summary_line(report), flush=True)
     if plot_path:
         save_plot("lambda_cliff", str(plot_path), plot_lambda_cliff.draw(report), dpi=120)

@@ -19,29 +19,39 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.plotting import save_plot  # noqa: E402  (after the path insert)
 
 
+def _panel(ax, r: dict, title: str) -> None:
+    """Validity and accuracy vs λ of one clip strength, λ* dashed, the observed cliff shaded."""
+    lams = sorted(float(k) for k in r["results"])
+    by = {float(k): v for k, v in r["results"].items()}
+    ax.plot(lams, [by[k]["validity"] for k in lams], "o-", label="parse validity")
+    ax.plot(lams, [by[k]["accuracy"] for k in lams], "s-", label="accuracy on parsed outputs")
+    ax.axhline(0.9 * by[1.0]["validity"], color="grey", ls=":", lw=1, label="90% of λ=1 validity")
+    pred = r["predicted"]
+    if math.isfinite(pred):
+        ax.axvline(pred, color="red", ls="--", label=f"predicted λ* = {pred:.3f}")
+    lo, hi = r["observed"]
+    if lo is not None and math.isfinite(lo):
+        ax.axvspan(lo, hi, color="orange", alpha=0.2, label=f"observed cliff [{lo:g}, {hi:g}]")
+    s = r["scheduler"]
+    ax.plot([s["lambda_mean"]], [s["validity"]], "r*", ms=12, label=f"scheduler (mean λ={s['lambda_mean']:.2f})")
+    ax.set_xscale("log")
+    ax.set_xlabel("λ (log scale)")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="lower left")
+
+
 def draw(r: dict) -> Callable:
-    """The figure of one report (results.json, or the dict ``bench/lambda_cliff.py`` returns)."""
+    """The figure of one report (results.json, or the dict ``bench/lambda_cliff.py`` returns): one
+    panel per clip strength (the main test, then the cross-prediction when the report has one)."""
     def fig_of(plt):
-        lams = sorted(float(k) for k in r["results"])
-        valid = [r["results"][str(k)]["validity"] for k in lams]
-        acc = [r["results"][str(k)]["accuracy"] for k in lams]
-        base_valid = r["results"]["1.0"]["validity"]
-        fig, ax = plt.subplots(figsize=(7, 4))
-        ax.plot(lams, valid, "o-", label="parse validity")
-        ax.plot(lams, acc, "s-", label="accuracy on parsed outputs")
-        ax.axhline(0.9 * base_valid, color="grey", ls=":", lw=1, label="90% of λ=1 validity")
-        pred = r["predicted"]
-        if math.isfinite(pred):
-            ax.axvline(pred, color="red", ls="--", label=f"predicted λ* = {pred:.2f}")
-        lo, hi = r["observed"]
-        if lo is not None and math.isfinite(lo):
-            ax.axvspan(lo, hi, color="orange", alpha=0.2, label=f"observed cliff [{lo:g}, {hi:g}]")
-        s = r["scheduler"]
-        ax.plot([s["lambda_mean"]], [s["validity"]], "r*", ms=12, label=f"scheduler (mean λ={s['lambda_mean']:.2f})")
-        ax.set_xlabel("λ")
-        ax.set_ylim(0, 1.02)
-        ax.set_title(f"λ* cliff toy: p={r['prereg']['p']:.3f} b={r['prereg']['b']:.3f} c={r['prereg']['c']:g}")
-        ax.legend(fontsize=8, loc="lower left")
+        panels = [r] + ([r["cross"]] if r.get("cross") else [])
+        fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4), squeeze=False)
+        pre = r["prereg"]
+        ref = f", clip against {r['clip_reference']}" if "clip_reference" in r else ""
+        for ax, panel in zip(axes[0], panels):
+            c = panel.get("c", pre["c"])
+            _panel(ax, panel, f"λ* cliff toy: p={pre['p']:.3f} b={pre['b']:.4f} c={c:g}{ref}")
         fig.tight_layout()
         return fig
     return fig_of

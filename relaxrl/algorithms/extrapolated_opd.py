@@ -4,12 +4,19 @@ On the student's own samples, per token ``t`` (teacher T, base B = the warm-star
 
     r_t = λ (log π_T(y_t) − log π_B(y_t))            extrapolated distillation reward
     A_t = r_t − (log π(y_t) − log π_B(y_t))            minus the per-token KL(π ‖ π_B) term
-    L   = −mean_t min(ρ_t A_t, clip(ρ_t, 1/c, c) A_t),  ρ_t = π(y_t) / π_behaviour(y_t)
+    L   = −mean_t min(ρ_t A_t, clip(ρ_t, lo_t, hi_t) A_t),  ρ_t = π(y_t) / π_behaviour(y_t)
 
 The stationary point of ``E_π[r] − KL(π ‖ π_B)`` is ``π ∝ π_B^(1−λ) π_T^λ``; λ = 1 gives
 ``A_t = log π_T − log π``, plain on-policy (reverse-KL) distillation. ``A_t`` is a constant
 (detached) per-token advantage; ``ρ`` is the importance ratio against the rollout policy, exactly
-1 in value for fresh samples and clipped with strength ``c`` for stale ones.
+1 in value for fresh samples. Where the clip is taken (``clip_reference``):
+
+* ``behaviour`` (PPO): ``[lo, hi] = [1/c, c]``, the ratio π/π_behaviour is clipped; binds only on
+  stale samples.
+* ``base``: ``[lo, hi] = [π_B/(c π_behaviour), c π_B/π_behaviour]``, i.e. π/π_B is clipped to
+  ``[1/c, c]``, the clip the λ* reduction assumes (docs/lambda_star.md); π_B is ``ref_logprobs``,
+  the teacher role's score of the base. Binds on fresh samples too, once π has moved a factor c
+  from the base on the sampled token.
 
 ``schedule=lambda_star`` sets ``λ_t = min(λ, (1 − ε) λ*_t)`` with λ*_t estimated online from the
 batch (``relaxrl.algorithms.lambda_star``); ``schedule=fixed`` uses λ but still estimates and logs
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -35,6 +43,7 @@ from relaxrl.algorithms.registry import register_algorithm
 from relaxrl.sample import TensorBatch
 
 SCHEDULES = ("fixed", "lambda_star")
+CLIP_REFERENCES = ("behaviour", "base")
 
 
 @dataclass
@@ -43,6 +52,7 @@ class ExtrapolatedOPDConfig:
     lam: float = 1.0  # λ (schedule=fixed) or λ_target (schedule=lambda_star); 1 = plain OPD
     schedule: str = "fixed"  # fixed | lambda_star
     clip_c: float = 2.0  # importance ratios clipped to [1/c, c]; also the c of λ*(p, b, c)
+    clip_reference: str = "behaviour"  # behaviour: clip π/π_behaviour (PPO) | base: clip π/π_B (as λ* assumes)
     eps: float = 0.1  # scheduler margin: λ_t = min(lam, (1 - eps) λ*)
     estimator: str = "closed_form"  # a registered λ*(p, b, c) function
     aggregate: str = "binding"  # binding: per-token-class λ*, smallest wins | pooled: all positions as one
@@ -60,6 +70,8 @@ class ExtrapolatedOPDConfig:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if not self.clip_c > 1:
             raise ValueError(f"clip_c must be > 1 (ratios clipped to [1/c, c]), got {self.clip_c}")
+        if self.clip_reference not in CLIP_REFERENCES:
+            raise ValueError(f"clip_reference must be one of {CLIP_REFERENCES}, got {self.clip_reference!r}")
         if not 0 <= self.eps < 1:
             raise ValueError(f"eps must be in [0, 1), got {self.eps}")
         if self.aggregate not in AGGREGATES:
@@ -78,12 +90,25 @@ def extrapolated_advantages(
 
 
 def clipped_surrogate(
-    logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, c: float
+    logprobs: torch.Tensor,
+    behaviour_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    c: float,
+    reference_logprobs: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token ``−min(ρ A, clip(ρ, 1/c, c) A)`` and a 0/1 tensor of where the clip was binding."""
+    """Per-token ``−min(ρ A, clip(ρ, lo, hi) A)``, ``ρ = π/π_behaviour``, and a 0/1 tensor of where the
+    clip was binding. Without ``reference_logprobs`` ``[lo, hi] = [1/c, c]``; with them (the base's)
+    ``[lo, hi] = [1/c, c] · π_ref/π_behaviour``, so it is π/π_ref that is held to ``[1/c, c]`` while
+    the gradient keeps the behaviour policy's importance weight."""
     ratio = torch.exp((logprobs - behaviour_logprobs) * mask)  # 1 off the mask: padding stays finite
     unclipped = ratio * advantages
-    clipped = ratio.clamp(1.0 / c, c) * advantages
+    if reference_logprobs is None:
+        bounded = ratio.clamp(1.0 / c, c)
+    else:
+        shift = torch.exp((reference_logprobs - behaviour_logprobs) * mask)
+        bounded = torch.minimum(torch.maximum(ratio, shift / c), shift * c)
+    clipped = bounded * advantages
     return -torch.minimum(unclipped, clipped), (clipped < unclipped).float()
 
 
@@ -137,7 +162,9 @@ class ExtrapolatedOPD:
         logprobs = logprobs.float()
         adv = extrapolated_advantages(logprobs, batch.teacher_logprobs, batch.ref_logprobs, batch.scalars["lambda"])
         adv = adv * mask
-        per_token, clipped = clipped_surrogate(logprobs, batch.behaviour_logprobs, adv, mask, self.config.clip_c)
+        reference = batch.ref_logprobs if self.config.clip_reference == "base" else None
+        per_token, clipped = clipped_surrogate(logprobs, batch.behaviour_logprobs, adv, mask, self.config.clip_c,
+                                               reference)
         with torch.no_grad():
             metrics = {
                 "distill_reward": _masked_mean(batch.teacher_logprobs - batch.ref_logprobs, mask),

@@ -6,12 +6,16 @@ teacher puts probability ``p`` on the modal token (the one the output format req
 
     q*(λ) = σ(ℓ(b) + λ (ℓ(p) − ℓ(b))),   ℓ(x) = log(x / (1 − x))
 
-on it; with importance ratios clipped to ``[1/c, c]`` the fixed point is clip-safe while the tail
-ratio ``(1 − q*) / (1 − b)`` stays in ``[1/c, c]``. ``λ*`` is where it reaches the boundary:
+on it. The clip ``algorithm.clip_reference=base`` applies holds each sampled token's ratio to the
+base in ``[1/c, c]``: in the reduction the modal ratio ``q/b`` and the tail ratio ``(1 − q)/(1 − b)``
+both, i.e. ``q ∈ [max(b/c, 1 − c(1 − b)), min(c b, 1 − (1 − b)/c)]`` (``clip_region``). ``λ*`` is where
+``q*(λ)`` reaches the edge on the teacher's side, ``(ℓ(edge) − ℓ(b)) / (ℓ(p) − ℓ(b))``:
 
-* ``p > b``: ``λ* = ln(1 + (c − 1)/b) / ln(p(1 − b) / (b(1 − p)))``  (tail ratio lands on 1/c)
-* ``p < b``: ``λ* = ln((1 − c(1 − b)) / (c b)) / ln(p(1 − b) / (b(1 − p)))``  (lands on c), and
-  ``∞`` when ``c(1 − b) >= 1`` (the tail may grow past 1 without leaving the region)
+* ``p > b``, ``b ≥ 1/(c+1)``: ``λ* = ln(1 + (c − 1)/b) / ln(p(1 − b) / (b(1 − p)))``  (tail ratio = 1/c)
+* ``p > b``, ``b < 1/(c+1)``: ``λ* = ln(c(1 − b)/(1 − c b)) / ln(...)``  (modal ratio = c)
+* ``p < b``, ``b ≥ c/(c+1)``: ``λ* = ln((1 − c(1 − b)) / (c b)) / ln(...)``  (tail ratio = c)
+* ``p < b``, ``b < c/(c+1)``: ``λ* = ln((1 − b)/(c − b)) / ln(...)``  (modal ratio = 1/c; the tail-only
+  reduction of LAMBDA_STAR.md called this ``∞`` when ``c(1 − b) ≥ 1``)
 * ``p = b``: λ has no effect, ``λ* = ∞``.
 
 Online estimate: structural positions are the student's sampled tokens that the teacher gives at
@@ -79,18 +83,28 @@ def get_lambda_star(name: str) -> LambdaStarFn:
     return _ESTIMATORS[name]
 
 
+def clip_region(b: float, c: float) -> tuple[float, float]:
+    """Modal probabilities ``q`` a per-token clip of ``π/π_B`` to ``[1/c, c]`` admits in the Bernoulli
+    reduction: ``q/b`` and ``(1 − q)/(1 − b)`` both in ``[1/c, c]``."""
+    _check(0.5, b, c)
+    return max(b / c, 1.0 - c * (1.0 - b)), min(c * b, 1.0 - (1.0 - b) / c)
+
+
 @register_lambda_star("closed_form")
 def lambda_star(p: float, b: float, c: float) -> float:
-    """The closed-form clip-safety threshold λ*(p, b, c) (module docstring); may be ``math.inf``."""
+    """The closed-form clip-safety threshold λ*(p, b, c) (module docstring); ``math.inf`` iff p = b.
+
+    The tail-binding branches keep the forms without ``1 − (1 − b)/c`` (no cancellation at b → 1).
+    """
     _check(p, b, c)
     log_odds_ratio = logit(p) - logit(b)  # = ln(p(1-b) / (b(1-p)))
     if log_odds_ratio == 0.0:
         return math.inf
-    if log_odds_ratio > 0:
-        return math.log(1.0 + (c - 1.0) / b) / log_odds_ratio
-    if c * (1.0 - b) >= 1.0:
-        return math.inf
-    return math.log((1.0 - c * (1.0 - b)) / (c * b)) / log_odds_ratio
+    if log_odds_ratio > 0:  # q rises to the region's top: the tail ratio reaches 1/c, or q/b reaches c
+        edge = math.log(1.0 + (c - 1.0) / b) if b >= 1.0 / (c + 1.0) else math.log(c * (1.0 - b) / (1.0 - c * b))
+    else:  # q falls to the region's bottom: the tail ratio reaches c, or q/b reaches 1/c
+        edge = math.log((1.0 - c * (1.0 - b)) / (c * b)) if b >= c / (c + 1.0) else math.log((1.0 - b) / (c - b))
+    return edge / log_odds_ratio
 
 
 def schedule_lambda(target: float, lam_star: float, eps: float) -> float:

@@ -11,6 +11,7 @@ from relaxrl.algorithms.lambda_star import (
     ClassStats,
     LambdaStarTracker,
     class_stats,
+    clip_region,
     fixed_point_q,
     get_lambda_star,
     lambda_star,
@@ -33,7 +34,7 @@ def test_teacher_sharper_tail_ratio_lands_on_one_over_c(p, b, c):
     assert tail_ratio(p, b, lam * 0.99) > 1.0 / c > tail_ratio(p, b, lam * 1.01)
 
 
-@pytest.mark.parametrize("p,b,c", [(0.95, 0.98, 2.0), (0.6, 0.9, 1.2), (0.9, 0.995, 1.5), (0.3, 0.6, 2.0)])
+@pytest.mark.parametrize("p,b,c", [(0.95, 0.98, 2.0), (0.6, 0.9, 1.2), (0.9, 0.995, 1.5), (0.3, 0.7, 2.0)])
 def test_base_sharper_tail_ratio_lands_on_c(p, b, c):
     lam = lambda_star(p, b, c)
     assert 0 < lam < math.inf
@@ -52,13 +53,46 @@ def test_hand_computed_values():
     assert fixed_point_q(0.95, 0.98, 0.0) == pytest.approx(0.98)
 
 
-def test_infinite_cases():
+def test_infinite_only_when_lambda_has_no_effect():
     assert lambda_star(0.7, 0.7, 2.0) == math.inf  # p = b: λ has no effect
-    # p < b but c(1 - b) >= 1: the tail cannot exceed c times the base's, λ* = ∞
-    assert lambda_star(0.2, 0.4, 2.0) == math.inf  # c(1-b) = 1.2
-    assert lambda_star(0.2, 0.5, 2.0) == math.inf  # c(1-b) = 1.0 exactly
-    assert math.isfinite(lambda_star(0.2, 0.51, 2.0))  # c(1-b) = 0.98 < 1
+    # p < b with c(1 - b) >= 1: the tail-only reduction said ∞; the per-token clip on the modal
+    # token (q/b >= 1/c) is still reached at a finite λ
+    for b in (0.4, 0.5):
+        lam = lambda_star(0.2, b, 2.0)
+        assert math.isfinite(lam) and fixed_point_q(0.2, b, lam) == pytest.approx(b / 2.0, rel=1e-9)
     assert schedule_lambda(3.0, math.inf, 0.1) == 3.0
+
+
+def test_clip_region_holds_both_ratios_to_the_clip():
+    # b = 0.99875 (the toy's base at `}`), c = 2: the tail ratio binds on both sides
+    assert clip_region(0.99875, 2.0) == pytest.approx((1 - 2 * 0.00125, 1 - 0.00125 / 2), abs=1e-12)
+    assert clip_region(0.6, 2.0) == pytest.approx((0.3, 0.8))  # low side: q/b = 1/2; high: tail ratio 1/2
+    assert clip_region(0.2, 2.0) == pytest.approx((0.1, 0.4))  # low: q/b = 1/2; high: q/b = 2
+    for b, c in ((0.99875, 2.0), (0.6, 2.0), (0.2, 3.0), (0.5, 1.5)):
+        for q in clip_region(b, c):
+            for ratio in (q / b, (1 - q) / (1 - b)):
+                assert 1 / c - 1e-12 <= ratio <= c + 1e-12
+
+
+@pytest.mark.parametrize("p,b,c,edge", [
+    (0.1, 0.6, 2.0, "low"), (0.3, 0.6, 2.0, "low"), (0.2, 0.7, 4.0, "low"),  # b < c/(c+1): q/b reaches 1/c
+    (0.9, 0.2, 2.0, "high"), (0.99, 0.1, 4.0, "high"),  # b < 1/(c+1): q/b reaches c
+])
+def test_flat_base_the_modal_ratio_binds(p, b, c, edge):
+    lam = lambda_star(p, b, c)
+    lo, hi = clip_region(b, c)
+    assert fixed_point_q(p, b, lam) == pytest.approx(lo if edge == "low" else hi, rel=1e-9)
+    assert lo < fixed_point_q(p, b, 0.99 * lam) < hi  # inside just below λ*, outside just above
+    assert not lo <= fixed_point_q(p, b, 1.01 * lam) <= hi
+
+
+def test_modal_branch_hand_computed():
+    # p < b, b = 0.6 < 2/3: ln((1 - 0.6) / (2 - 0.6)) / (ℓ(0.1) − ℓ(0.6)) = ln(0.285714) / (-2.197225 - 0.405465)
+    #      = -1.252763 / -2.602690 = 0.481334   (the tail-only form: c(1-b) = 0.8, ln(0.2/1.2)/... = 0.688)
+    assert lambda_star(0.1, 0.6, 2.0) == pytest.approx(0.481334, abs=1e-6)
+    # p > b, b = 0.2 < 1/3: ln(2 * 0.8 / (1 - 0.4)) / ln(0.9 * 0.8 / (0.2 * 0.1)) = ln(2.666667) / ln(36)
+    #      = 0.980829 / 3.583519 = 0.273706
+    assert lambda_star(0.9, 0.2, 2.0) == pytest.approx(0.273706, abs=1e-6)
 
 
 @pytest.mark.parametrize("p,b,c", [(0.0, 0.5, 2.0), (0.5, 1.0, 2.0), (0.5, 0.5, 1.0), (0.5, 0.5, 0.5)])

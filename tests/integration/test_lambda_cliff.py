@@ -27,17 +27,22 @@ def test_fast_lambda_cliff_bench(tmp_path, model_cache, capsys):
     assert out.index("pre-registered:") < out.index("lambda=1.0")  # predicted before any run
     last = out.strip().splitlines()[-1]
     m = re.match(r"lambda_cliff: predicted=(\S+) observed_lo=(\S+) observed_hi=(\S+) scheduler_validity=(\S+) "
-                 r"baseline_validity=(\S+) scheduler_accuracy=(\S+) baseline_accuracy=(\S+)$", last)
+                 r"baseline_validity=(\S+) scheduler_accuracy=(\S+) baseline_accuracy=(\S+) inside=(yes|no) c=2 "
+                 r"cross_c=4 cross_predicted=(\S+) cross_observed_lo=\S+ cross_observed_hi=\S+ cross_inside=(yes|no) "
+                 r"clip_reference=base$", last)
     assert m, last
     assert float(m.group(1)) == pytest.approx(report["predicted"], abs=1e-3)
+    assert float(m.group(9)) == pytest.approx(report["cross"]["predicted"], abs=1e-3)
+    assert out.index("pre-registered: c=4") < out.index("c=2 lambda=1.0")  # both locked before any run
+    assert json.loads((tmp_path / "prereg.json").read_text())["grids"] == {"2.0": [1.0, 3.0], "4.0": [1.0, 3.0]}
     pre = report["prereg"]
     assert 0 < pre["p"] < 1 and 0 < pre["b"] < 1 and pre["structural_positions"] > 0
     assert set(report["results"]) == {"1.0", "3.0"}
     for r in [*report["results"].values(), report["scheduler"]]:
         assert 0.0 <= r["validity"] <= 1.0
-    for r in _rows(tmp_path / "scheduler" / "metrics.jsonl"):  # λ_t = min(λ_target, (1 − ε) λ*_t)
+    for r in _rows(tmp_path / "c2" / "scheduler" / "metrics.jsonl"):  # λ_t = min(λ_target, (1 − ε) λ*_t)
         assert r["algo/lambda"] == pytest.approx(min(3.0, 0.9 * r["algo/lambda_star"]), rel=1e-6)
-    assert all(r["algo/lambda"] == 3.0 for r in _rows(tmp_path / "lam_3.0" / "metrics.jsonl"))
+    assert all(r["algo/lambda"] == 3.0 for r in _rows(tmp_path / "c4" / "lam_3.0" / "metrics.jsonl"))
 
 
 @pytest.mark.ray
