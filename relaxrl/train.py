@@ -137,7 +137,7 @@ def run_experiment(cfg: DictConfig, on_step=None) -> dict:
         summary["wandb_dir"] = monitor.wandb_dir
         if heldout_eval is not None and heldout_eval.history:  # the last held-out evaluation's eval/* metrics
             summary.update({k: v for k, v in heldout_eval.history[-1].items() if k != "step"})
-        if episode_eval is not None:
+        if multi_turn:
             summary.update(episode_summary(episode_eval, summary))
             summary.update(roles.rollout.stats.remote().result())
     finally:
@@ -212,14 +212,14 @@ def episode_heldout(cfg: DictConfig, roles, monitor):
     return EpisodeHeldout(roles.rollout, monitor, every=every, last_step=tr.steps, episodes=n)
 
 
-def episode_summary(hook, summary: dict) -> dict:
+def episode_summary(hook, summary: dict) -> dict:  # hook: EpisodeHeldout, or None (no held-out evaluation)
     """A multi-turn run's summary: held-out success (last evaluation), the curve, episodes trained
     (queue accounting) and, for DAgger, the labels aggregated (the actor's buffer counts)."""
-    last = hook.history[-1] if hook.history else {}
-    m = hook.last_metrics
+    last = hook.history[-1] if hook is not None and hook.history else {}
+    m = hook.last_metrics if hook is not None else {}
     return {"success": last.get("eval/success"), "success_greedy": last.get("eval/success_greedy"),
             "curve": [{"step": h["step"], "success": h["eval/success"], "success_greedy": h["eval/success_greedy"]}
-                      for h in hook.history],
+                      for h in (hook.history if hook is not None else [])],
             "episodes": (summary.get("accounting") or {}).get("trained_samples"),
             "labels": int(m.get("algo/labels", 0)), "labels_dropped": int(m.get("algo/labels_dropped", 0))}
 

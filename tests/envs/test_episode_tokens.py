@@ -102,3 +102,19 @@ def test_dagger_aggregates_each_queue_batchs_labels_once_and_its_state_round_tri
     assert [(r.uid, r.prompt_ids, r.response_ids) for r in a] == [(r.uid, r.prompt_ids, r.response_ids) for r in b]
     with pytest.raises(RuntimeError, match="no training data"):
         DAgger(DAggerConfig()).training_rows([s.replace(labels=[]) for s in more])
+
+
+@pytest.mark.parametrize("overrides, error", [
+    (["rollout.engine=vllm"], "rollout.engine=hf"),
+    (["rollout.group_size=4"], "algorithm.group_size=1 and rollout.group_size=4 differ"),
+    (["env=arithmetic"], "algorithm=dagger needs a multi-turn env"),
+])
+def test_multi_turn_settings_it_cannot_run_are_refused_before_ray(tmp_path, overrides, error):
+    from hydra import compose, initialize_config_module
+
+    from relaxrl.train import run_experiment
+
+    with initialize_config_module(config_module="relaxrl.conf", version_base=None):
+        cfg = compose(config_name="config", overrides=["+experiment=dagger_toy", f"run_dir={tmp_path}", *overrides])
+    with pytest.raises(ValueError, match=error):
+        run_experiment(cfg)
