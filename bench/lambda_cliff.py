@@ -1,24 +1,33 @@
 """Pre-registered λ* cliff test on the structured-output toy (``+experiment=lambda_cliff``).
 
-    python bench/lambda_cliff.py                 # full sweep (<= 20 min on 2 cores)
+    python bench/lambda_cliff.py                 # full sweep, two clip values (~20 min on 2 idle cores)
     python bench/lambda_cliff.py --fast          # a few points, a few steps (the test suite's version)
+
+The experiment clips π/π_B (``algorithm.clip_reference=base``), the clip λ*(p, b, c) is derived for
+(docs/lambda_star.md); ``algorithm.clip_reference=behaviour`` runs the same protocol with PPO's clip.
 
 1. Pre-register: sample the base (warm-start student) on training prompts, score the samples under
    the teacher and the base, estimate p and b at the structural positions with the estimator the
-   scheduler uses, and print the predicted λ*(p, b, c) *before* any training run.
-2. Sweep fixed λ over a grid (0.5 .. 4, finer around the prediction): one synchronous on-policy
-   run each, in-process with RelaxRL's engines, env and algorithm (no Ray: on a shared 2-core box
-   Serve's per-run startup would cost more than the runs; the same config runs on the framework
-   with ``python -m relaxrl.train +experiment=lambda_cliff algorithm.lam=L``).
-3. One scheduler run (``algorithm.schedule=lambda_star``, λ_target = the grid's top).
+   scheduler uses, and print the predicted λ*(p, b, c) for both clip values (``--clips``, the test
+   and the cross-prediction) with their grids, and write them to ``<out>/prereg.json``, *before* any
+   training run.
+2. Per clip value, sweep fixed λ over the coarse grid (1, 4) plus 0.8, 0.9, ..., 1.2 × the
+   prediction (a resolution of 10% of it): one synchronous on-policy run each, in-process with
+   RelaxRL's engines, env and algorithm (no Ray: on a shared 2-core box Serve's per-run startup
+   would cost more than the runs; the same config runs on the framework with
+   ``python -m relaxrl.train +experiment=lambda_cliff algorithm.lam=L``).
+3. Per clip value, one scheduler run (``algorithm.schedule=lambda_star``, λ_target = the grid's top).
 4. Report parse validity and accuracy on parsed outputs per λ (on-policy samples of the last
    ``--tail`` fraction of steps), the observed cliff interval [A, B] (the grid step in which
-   validity first falls below 90% of the λ = 1 run), and the last line
+   validity first falls below 90% of the λ = 1 run; also below 90% of the base's), whether the
+   prediction lies in it, and the last line
 
-   lambda_cliff: predicted=P observed_lo=A observed_hi=B scheduler_validity=V baseline_validity=W ...
+   lambda_cliff: predicted=P observed_lo=A observed_hi=B scheduler_validity=V baseline_validity=W
+   scheduler_accuracy=X baseline_accuracy=Y inside=yes|no c=C cross_c=C2 cross_predicted=P2
+   cross_observed_lo=A2 cross_observed_hi=B2 cross_inside=yes|no clip_reference=base|behaviour
 
-5. Then plot validity and accuracy vs λ with the predicted λ* drawn (``--plot``, by default
-   ``<out>/lambda_cliff.png``; without matplotlib it prints ``pip install -e '.[bench]'`` instead).
+5. Then plot validity and accuracy vs λ per clip value with the predicted λ* drawn (``--plot``, by
+   default ``<out>/lambda_cliff.png``; without matplotlib it prints ``pip install -e '.[bench]'``).
 """
 
 from __future__ import annotations
@@ -38,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 from bench import plot_lambda_cliff  # noqa: E402  (after the path insert)
 from bench.plotting import save_plot  # noqa: E402
 
-BASE_GRID = [0.5, 1.0, 2.0, 4.0]  # coarse; the fine grid around each prediction is added
+BASE_GRID = [1.0, 4.0]  # coarse (λ=1 the baseline); the fine grid around each prediction is added
 FINE = (0.8, 0.9, 1.0, 1.1, 1.2)  # × the prediction: a resolution of 10% of it
 CLIFF_FRACTION = 0.9  # the cliff: validity below this fraction of the reference (the λ = 1 run's, the base's)
 
@@ -244,7 +253,7 @@ def sweep(toy: Toy, overrides: list[str], c: float, predicted: float, grid: list
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fast", action="store_true", help="λ in {1, 3} + scheduler, few steps (the test's version)")
-    ap.add_argument("--grid", type=str, default=None, help="comma-separated coarse grid (default 0.5,1,2,4)")
+    ap.add_argument("--grid", type=str, default=None, help="comma-separated coarse grid (default 1,4)")
     ap.add_argument("--clips", type=str, default="2,4",
                     help="clip strengths c: the first is the main test, the second the cross-prediction")
     ap.add_argument("--steps", type=int, default=None, help="trainer steps per run")
@@ -296,14 +305,14 @@ def _yes(x: bool) -> str:
 def summary_line(report: dict) -> str:
     base, sched = report["results"]["1.0"], report["scheduler"]
     lo, hi = report["observed"]
-    line = (f"lambda_cliff: predicted={report['predicted']:.3f} observed_lo={lo:.2f} observed_hi={hi:.2f} "
+    line = (f"lambda_cliff: predicted={report['predicted']:.3f} observed_lo={lo:.3f} observed_hi={hi:.3f} "
             f"scheduler_validity={sched['validity']:.3f} baseline_validity={base['validity']:.3f} "
             f"scheduler_accuracy={sched['accuracy']:.3f} baseline_accuracy={base['accuracy']:.3f}")
     cross = report.get("cross")
     if cross is not None:
         clo, chi = cross["observed"]
         line += (f" inside={_yes(report['prediction_inside'])} c={report['c']:g} cross_c={cross['c']:g} "
-                 f"cross_predicted={cross['predicted']:.3f} cross_observed_lo={clo:.2f} cross_observed_hi={chi:.2f} "
+                 f"cross_predicted={cross['predicted']:.3f} cross_observed_lo={clo:.3f} cross_observed_hi={chi:.3f} "
                  f"cross_inside={_yes(cross['prediction_inside'])}")
     if "clip_reference" in report:
         line += f" clip_reference={report['clip_reference']}"

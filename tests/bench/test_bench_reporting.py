@@ -172,8 +172,8 @@ def test_lambda_cliff_prints_the_summary_before_plotting(tmp_path, capsys, monke
     seen = summary_seen_at_plot(monkeypatch, capsys, lambda_cliff)
     lambda_cliff.finish(lambda_report(), tmp_path / "results.json", tmp_path / "lambda_cliff.png")
     assert len(seen) == 1
-    assert seen[0].strip().splitlines()[-1].startswith("lambda_cliff: predicted=0.164 observed_lo=1.00 "
-                                                       "observed_hi=3.00 scheduler_validity=0.950 ")
+    assert seen[0].strip().splitlines()[-1].startswith("lambda_cliff: predicted=0.164 observed_lo=1.000 "
+                                                       "observed_hi=3.000 scheduler_validity=0.950 ")
 
 
 def test_lambda_cliff_plots_without_matplotlib(tmp_path, capsys, monkeypatch):
