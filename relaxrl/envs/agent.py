@@ -14,6 +14,7 @@ No Ray here; ``check_agent_config`` refuses a config that cannot work before Ray
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol, runtime_checkable
@@ -114,6 +115,8 @@ def agent_problems(agent: Any, ray: Any, algorithm_name: str, multi_turn: bool =
     if algorithm_name == "dagger" or multi_turn:
         out.append("the agent plays single-turn tasks (env.tasks) its own way; a multi-turn env (and "
                    "algorithm=dagger) plays the env's own episodes instead")
+    if importlib.util.find_spec("openai") is None:
+        out.append("the agent's client is the openai package: pip install -e '.[agent]' (or pip install openai)")
     if agent.timeout_s <= 0 or agent.max_calls < 1:
         out.append(f"agent.timeout_s ({agent.timeout_s}) must be > 0 and agent.max_calls ({agent.max_calls}) >= 1")
     return out

@@ -141,15 +141,18 @@ class AgentRollout:
         import openai
 
         url = f"{self.base_url}/{eid}/v1"
+        # trust_env=False: loopback calls never go through an HTTP(S)_PROXY from the environment.
         if self.is_async:
-            client = openai.AsyncOpenAI(base_url=url, api_key=self.api_key, timeout=self.timeout_s)
+            client = openai.AsyncOpenAI(base_url=url, api_key=self.api_key, timeout=self.timeout_s,
+                                        http_client=openai.DefaultAsyncHttpxClient(trust_env=False))
             try:
                 return await self.agent.run(client, task)
             finally:
                 await client.close()
 
         def run_sync() -> Any:
-            with openai.OpenAI(base_url=url, api_key=self.api_key, timeout=self.timeout_s) as client:
+            with openai.OpenAI(base_url=url, api_key=self.api_key, timeout=self.timeout_s,
+                               http_client=openai.DefaultHttpxClient(trust_env=False)) as client:
                 return self.agent.run(client, task)
 
         return await asyncio.to_thread(run_sync)
