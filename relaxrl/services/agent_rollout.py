@@ -40,7 +40,7 @@ from relaxrl.sample import Sample
 from relaxrl.services.chain import Forwarder, Route
 from relaxrl.services.common import quiet_replica_logs
 from relaxrl.services.openai_endpoint import (EPISODE_PATH, MAX_BODY_BYTES, EndpointError, EpisodeBook, copy_chat,
-                                              completion_body, cut_reply, episode_fields, models_body, parse_request)
+                                              completion_body, cut_reply, episode_sample, models_body, parse_request)
 
 log = logging.getLogger(__name__)
 
@@ -119,22 +119,11 @@ class AgentRollout:
         sample = Sample(uid=f"{request.group_id}/{index}", group_id=request.group_id, index=index,
                         prompt_ids=list(request.prompt_ids), domain=request.domain, env=request.env,
                         answer=request.answer)
-        if error is None and episode.chat is None:
-            error = {"error": "agent_no_calls", "detail": "the agent asked for no completion"}
-        if error is None and reward is not None:
-            try:
-                reward = float(reward)
-            except (TypeError, ValueError):
-                error = {"error": "agent_error", "detail": f"run() returned {reward!r:.80}, not a number or None"}
-        if episode.chat is not None:
-            sample = sample.replace(**episode_fields(episode.chat))
-        sample.reward_info = {"agent_calls": float(episode.calls)}
-        if error is not None:
+        sample = episode_sample(sample, episode.chat, episode.calls, reward, error)
+        if "error" in sample.reward_info:
             self.counts["agent_errors"] += 1
-            log.warning("episode %s (task %s): %s %s", eid, task.task_id, error["error"], error["detail"])
-            sample.reward_info.update(error)
-            return sample
-        sample.reward = reward
+            log.warning("episode %s (task %s): %s %s", eid, task.task_id, sample.reward_info["error"],
+                        sample.reward_info["detail"])
         return sample
 
     async def _run_agent(self, eid: str, task: Task) -> Any:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 from relaxrl.envs.chat_tokens import ChatFormat, ChatTokens
+from relaxrl.sample import Sample
 
 # <prefix>/<episode id>/v1/chat/completions (the openai client appends /chat/completions to its base_url).
 EPISODE_PATH = re.compile(r"/(?P<episode>[A-Za-z0-9_.\-]{1,128})/v1/(?P<what>chat/completions|models)/?$")
@@ -271,3 +272,23 @@ def episode_fields(chat: ChatTokens) -> dict:
         "finish_reason": chat.finish_reason,
         "response_text": chat.messages[-1]["content"],  # the last reply: what the env's verifier scores
     }
+
+
+def episode_sample(sample: Sample, chat: Optional[ChatTokens], calls: int, returned: Any,
+                   error: Optional[dict] = None) -> Sample:
+    """``sample`` (its uid, group, task fields) completed with the finished episode: its tokens, and
+    the reward ``run`` returned (None: left for the env's verifier). An agent that failed
+    (``error``), asked for no completion or returned something other than a number or None leaves
+    the reward None with ``reward_info["error"]``: the queue drops the group under that reason."""
+    if error is None and chat is None:
+        error = {"error": "agent_no_calls", "detail": "the agent asked for no completion"}
+    reward = None
+    if error is None and returned is not None:
+        try:
+            reward = float(returned)
+        except (TypeError, ValueError):
+            error = {"error": "agent_error", "detail": f"run() returned {returned!r:.80}, not a number or None"}
+    out = sample.replace(**episode_fields(chat)) if chat is not None else sample.replace()
+    out.reward_info = {"agent_calls": float(calls), **(error or {})}
+    out.reward = None if error else reward
+    return out

@@ -205,3 +205,25 @@ def test_the_example_agent_plays_two_turns_with_the_tool():
     assert asyncio.run(CalcAgent().run(client, SimpleNamespace(prompt="3+4=", answer="7"))) == 1.0
     assert seen[1] == [{"role": "user", "content": "3+4="}, {"role": "assistant", "content": "calc(3+4)"},
                        {"role": "user", "content": "=7"}]
+
+
+def test_an_episode_becomes_a_sample_with_the_agents_reward_or_a_counted_error(tiny):
+    from relaxrl.sample import Sample
+    from relaxrl.services.openai_endpoint import episode_sample
+
+    fmt = ChatFormat(tiny)
+    book = EpisodeBook(fmt, max_calls=4)
+    book.open("g0-1-ab")
+    reply(book, "g0-1-ab", [{"role": "user", "content": "1+2="}], fmt.action_ids("3"), version=2)
+    chat = book.close("g0-1-ab").chat
+    base = Sample(uid="g0/1", group_id="g0", index=1, prompt_ids=[9, 9], answer="3")
+    s = episode_sample(base, chat, 1, 1)
+    assert s.reward == 1.0 and s.prompt_ids == chat.prompt_ids and s.policy_version == 2
+    assert s.reward_info == {"agent_calls": 1.0} and s.uid == "g0/1" and s.answer == "3"
+    left = episode_sample(base, chat, 1, None)  # None: the env's verifier scores the last reply
+    assert left.reward is None and "error" not in left.reward_info and left.response_text == "3"
+    for returned, chat_, error, reason in [("good", chat, None, "agent_error"), (1.0, None, None, "agent_no_calls"),
+                                           (None, chat, {"error": "agent_timeout", "detail": "x"}, "agent_timeout")]:
+        bad = episode_sample(base, chat_, 1, returned, error)
+        assert bad.reward is None and bad.reward_info["error"] == reason  # the queue drops its group, counted
+    assert base.reward is None and base.reward_info == {}  # the template sample is not changed
