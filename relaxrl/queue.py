@@ -10,8 +10,19 @@ It is bounded in two ways (AReaL-style):
 * admission: by trainer version ``v`` at most ``(v + max_staleness + 1) * groups_per_step`` prompt
   groups are ever admitted (dropped groups give their slot back), so the rollout never generates
   what would go stale;
+* hand-out by deadline: a sample's staleness counts its oldest token (``Sample.oldest_version``:
+  a partial rollout continued under newer weights keeps the versions of its first tokens), and a
+  group admitted at level ``L`` has no token older than ``L``, so it can be trained by every step
+  up to its deadline ``L + max_staleness``. The trainer never takes a batch that would leave an
+  in-flight group past its deadline (it waits for it instead), so the bound holds without dropping
+  anything for staleness, and slow (long) responses are not dropped in favour of fast ones;
 * a late group whose staleness still exceeds ``max_staleness`` when it arrives or when it would be
-  trained is dropped and counted, never trained on.
+  trained (a producer that broke the contract above) is dropped and counted, never trained on.
+
+A generation a weight update made untrainable, or that ``rollout.partial=abort`` stops, is
+re-queued (``requeue``: the same group, task and seed, counted); a checkpoint keeps the partial
+rollouts the rollout recorded (``record_partials``) and a resumed run continues them
+(``take_partial``): see ``relaxrl.partial``.
 
 With ``admit_ahead`` steps, groups up to that many steps past the bound are admitted early, each
 tagged with the weight version it needs (``need``): the rollout holds it until that version is
@@ -31,6 +42,7 @@ from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+from relaxrl.partial import PartialGroup, check_token_versions
 from relaxrl.sample import Packed, Sample
 
 log = logging.getLogger(__name__)
@@ -40,6 +52,9 @@ log = logging.getLogger(__name__)
 class _Group:
     seq: int  # admission order
     need: int = 0  # the weight version its generation must wait for
+    # Its admission level: no token of it is older (the rollout waits for ``need`` >= level), so a
+    # step updating weights <= level + max_staleness may train it: its deadline.
+    level: int = 0
     samples: dict[int, Sample] = field(default_factory=dict)
     complete: bool = False
     delivered: int = 0  # samples put into it: more than it holds means one can never complete
@@ -49,8 +64,11 @@ class _Group:
         is full and neither ready nor dropped."""
         return self.delivered != len(self.samples) or (len(self.samples) == group_size and not self.complete)
 
+    oldest: Optional[int] = None  # its samples' oldest token version (kept by put: it is read per take)
+
     def min_version(self) -> int:
-        return min(s.policy_version for s in self.samples.values())
+        """Its oldest token's version: what the staleness bound counts."""
+        return self.oldest
 
 
 @dataclass(frozen=True)
@@ -120,6 +138,15 @@ class StalenessQueue:
         # Groups in flight when a checkpoint was taken: re-issued first after a resume, same seq.
         self._redo: deque[int] = deque()
         self._redo_need: dict[int, int] = {}  # their weight version, where ahead of the checkpoint's
+        self._redo_level: dict[int, int] = {}  # their admission level (deadline - max_staleness)
+        # Partial rollouts: the rollout's latest record of groups it is generating (what a checkpoint
+        # keeps), and those a restored checkpoint hands back to be continued.
+        self._partials: dict[str, PartialGroup] = {}
+        self._resume_partials: dict[str, PartialGroup] = {}
+        self.requeued: Counter[str] = Counter()  # groups re-queued (aborted generations), by reason
+        self.aborted_tokens = 0  # tokens those aborted generations had produced (work thrown away)
+        self._open = 0  # the lowest train version whose batch has not been taken
+        self.deadline_misses = 0  # batches that had to leave a group past its deadline (versions skipped)
 
     # --- admission ---------------------------------------------------------------------------
     def capacity(self, version: Optional[int] = None) -> int:
@@ -133,7 +160,8 @@ class StalenessQueue:
         net = self.admitted - self.dropped_groups
         if self.total_groups is not None and net >= self.total_groups:
             return None
-        for level in range(self.version, self.version + self.admit_ahead + 1):
+        # A level whose deadline is before the next batch to be taken could never be trained.
+        for level in range(max(self.version, self._open - self.max_staleness), self.version + self.admit_ahead + 1):
             if net - sum(c for lvl, c in self._ahead.items() if lvl > level) < self.capacity(level):
                 return level
         return None
@@ -148,14 +176,15 @@ class StalenessQueue:
         sequence numbers (so the same task and seed): they are already counted as admitted."""
         if self._redo:
             seq = self._redo.popleft()
-            self._groups[group_name(seq)] = _Group(seq=seq, need=self._redo_need.pop(seq, self.version))
+            need = self._redo_need.pop(seq, self.version)
+            self._groups[group_name(seq)] = _Group(seq=seq, need=need, level=self._redo_level.pop(seq, need))
             return seq
         level = self._level_with_room()
         if level is None:
             raise QueueError(f"capacity {self.capacity(self.version + self.admit_ahead)} reached at version "
                              f"{self.version}")
         seq = self.admitted
-        self._groups[group_name(seq)] = _Group(seq=seq, need=level)
+        self._groups[group_name(seq)] = _Group(seq=seq, need=level, level=level)
         if level > self.version:
             self._ahead[level] += 1
         self.admitted += 1
@@ -188,6 +217,8 @@ class StalenessQueue:
             group = self._groups[s.group_id]
             group.samples[s.index] = s
             group.delivered += 1
+            oldest = s.oldest_version
+            group.oldest = oldest if group.oldest is None else min(group.oldest, oldest)
             self.generated += 1
             self.rewarded += s.reward is not None
             if s.timings is not noted:  # a request's samples share one dict
@@ -206,6 +237,11 @@ class StalenessQueue:
                 if s.group_id not in self._groups]
         bad += [f"{s.uid}: index {s.index} outside group of {self.group_size}" for s in samples
                 if not 0 <= s.index < self.group_size]
+        for s in samples:
+            try:
+                check_token_versions(len(s.response_ids), s.token_versions, s.uid)
+            except ValueError as e:
+                bad.append(str(e))
         if bad:
             raise QueueError("put refused: " + "; ".join(bad))
         keys = Counter((s.group_id, s.index) for s in samples)
@@ -236,6 +272,64 @@ class StalenessQueue:
         """A producer retried a role call after a fault (counted; the group stays in flight)."""
         self.retried[reason] += 1
 
+    # --- partial rollouts (relaxrl.partial) ------------------------------------------------------
+    def requeue(self, group_id: str, reason: str = "partial_aborted", tokens: int = 0) -> bool:
+        """The rollout aborted a group's generation (``partial.on_weight_update`` said ABORT): it goes
+        back to admission with its prompt (the same sequence number, so the same task and seed),
+        ahead of new groups, and keeps its admission level, so its deadline does not move: it stays
+        in flight, counted by ``reason`` (``partial_aborted`` in the metrics), never dropped.
+
+        ``tokens``: how many tokens the aborted generation had produced (thrown away, counted).
+        Returns False, changing nothing, for a group not in flight or already delivered (a late
+        abort of a group whose samples reached the queue: those are whole and valid)."""
+        group = self._groups.get(group_id)
+        if group is None or group.samples:
+            return False
+        del self._groups[group_id]
+        self._partials.pop(group_id, None)
+        self._resume_partials.pop(group_id, None)
+        if group.need > self.version:  # still waiting for its weights: keeps its level (and _ahead)
+            self._redo_need[group.seq] = group.need
+        self._redo_level[group.seq] = group.level
+        self._redo = deque(sorted([*self._redo, group.seq],
+                                  key=lambda q: (self._redo_level.get(q, self.version), q)))
+        self.requeued[reason] += 1
+        self.aborted_tokens += int(tokens)
+        return True
+
+    def record_partials(self, partials: Sequence[PartialGroup]) -> int:
+        """The rollout's record of groups it is generating (tokens, log-probs and versions so far):
+        what a checkpoint keeps, so a resumed run continues them instead of generating them again.
+        Each record replaces that group's previous one; any prefix of a generation is a valid record.
+        Records of groups no longer open for it (delivered, trained, dropped, re-queued) are ignored.
+        Returns how many were kept."""
+        kept = 0
+        for pg in partials:
+            if not isinstance(pg, PartialGroup):
+                pg = PartialGroup.from_json(pg)  # a plain-JSON record (across processes)
+            group = self._groups.get(pg.group_id)
+            if group is None or group.samples:
+                continue
+            bad = [r.index for r in pg.responses if not 0 <= r.index < self.group_size]
+            if bad:
+                raise QueueError(f"partial record of {pg.group_id}: indices {bad} outside group of {self.group_size}")
+            for r in pg.responses:
+                r.validate()
+            old = pg.oldest_version
+            if old is not None and old < group.level:  # the bound's proof needs no token older than that
+                raise QueueError(f"partial record of {pg.group_id}: a token of version {old}, older than the "
+                                 f"level {group.level} it was admitted at")
+            self._partials[pg.group_id] = pg
+            kept += 1
+        return kept
+
+    def take_partial(self, group_id: str) -> Optional[PartialGroup]:
+        """The partial rollout a restored checkpoint recorded for ``group_id`` (once re-issued by
+        ``admit``), for the rollout to continue; None if it has none (generate it from scratch)."""
+        if group_id not in self._groups:
+            return None
+        return self._resume_partials.pop(group_id, None)
+
     def _maybe_complete(self, gid: str) -> None:
         group = self._groups[gid]
         if len(group.samples) < self.group_size:
@@ -256,6 +350,7 @@ class StalenessQueue:
 
     def _drop(self, gid: str, reason: str) -> None:
         group = self._groups.pop(gid)
+        self._partials.pop(gid, None)
         self.dropped_groups += 1
         self.dropped_generated += len(group.samples)
         if group.need > self.version:  # its slot goes back to its own level
@@ -276,11 +371,18 @@ class StalenessQueue:
         return sum(g.complete for g in self._groups.values())
 
     def take(self, num_groups: int, train_version: Optional[int] = None) -> Optional[list[Sample]]:
-        """Up to-date complete groups for one step, oldest policy version first; None if too few.
+        """Complete groups for one step, earliest deadline first; None if the trainer must wait.
 
         ``train_version``: the policy version the batch will be trained by (default: the current
-        version; the trainer asks one step ahead while it still trains the step before). Groups
-        staler than ``max_staleness`` relative to it are dropped here, never returned.
+        version; the trainer asks one step ahead while it still trains the step before).
+
+        Earliest deadline first, and never past one: the batch must hold every in-flight group whose
+        deadline is this step, complete or not (the trainer waits for a slow one rather than
+        leave it to go stale), and leave what is in flight, plus what admission may still add,
+        trainable by the steps after it (``_feasible``). Within that, the oldest admission level
+        first, then the oldest token, then admission order. A group still too stale for
+        ``train_version`` (a producer generated it with weights older than it was admitted for) is
+        dropped here, counted, never returned.
         """
         v = self.version if train_version is None else train_version
         if v < self.version:
@@ -288,19 +390,55 @@ class StalenessQueue:
         for gid in [g for g, grp in self._groups.items() if grp.complete]:
             if v - self._groups[gid].min_version() > self.max_staleness:
                 self._drop(gid, "stale")
-        ready = [(g.min_version(), g.seq, gid) for gid, g in self._groups.items() if g.complete]
+        # Weights newer than the queue's version may already generate (admitted ahead), never
+        # newer than this step's: a level past that horizon is not handed out now.
+        horizon = max(v + 1, self.version + self.max_staleness)
+        ready = sorted((g.level, g.min_version(), g.seq, gid) for gid, g in self._groups.items()
+                       if g.complete and g.level + self.max_staleness <= horizon)
         if len(ready) < num_groups:
             return None
+        chosen = ready[:num_groups]
+        if not self._feasible(v, horizon, [lvl for lvl, *_ in chosen]):
+            pending = sorted([(g.level, g.seq, g.complete) for g in self._groups.values()]
+                             + [(self._redo_level.get(seq, self.version), seq, False) for seq in self._redo])
+            if not all(done for lvl, _, done in pending[:num_groups] if lvl + self.max_staleness >= v):
+                return None  # an earlier group is still being generated: wait for it
+            # Even with every earliest group done it does not fit: versions were skipped (no batch
+            # taken for some); train what is oldest, the rest goes stale, counted.
+            self.deadline_misses += 1
+            log.warning("batch for version %d leaves groups past their deadline (versions skipped)", v)
         batch: list[Sample] = []
-        for _, _, gid in sorted(ready)[:num_groups]:
+        for _, _, _, gid in chosen:
             group = self._groups.pop(gid)
+            self._partials.pop(gid, None)
             for idx in sorted(group.samples):
                 s = group.samples[idx]
-                self.staleness_hist[v - s.policy_version] += 1
+                self.staleness_hist[v - s.oldest_version] += 1
                 batch.append(s)
             self.consumed_groups += 1
         self.consumed_samples += len(batch)
+        self._open = max(self._open, v + 1)
         return batch
+
+    def _feasible(self, v: int, horizon: int, taken_levels: Sequence[int]) -> bool:
+        """True if, once a batch of groups with ``taken_levels`` is trained at version ``v``, every
+        group still in flight can meet its deadline (level + max_staleness): for each deadline
+        ``T`` in ``[v, horizon)``, the groups due by ``T`` fit in the ``T - v`` steps after this
+        one. From ``horizon`` on, admission bounds them: the groups ever admitted due by ``T`` are at
+        most ``(T + 1) * groups_per_step``, so they fit as long as no batch took a group due later
+        than ``horizon`` (``take`` hands out none). Groups already past their deadline (only a broken
+        contract makes one) are left out: waiting cannot save them."""
+        s, per = self.max_staleness, self.groups_per_step
+        due = Counter(g.level + s for g in self._groups.values())
+        due.update(self._redo_level.get(seq, self.version) + s for seq in self._redo)
+        for lvl in taken_levels:
+            due[lvl + s] -= 1
+        left = 0  # in flight, due by `deadline`, after this batch
+        for deadline in range(v, horizon):
+            left += due.get(deadline, 0)
+            if left > (deadline - v) * per:
+                return False
+        return True
 
     def set_version(self, version: int) -> None:
         if version < self.version:
@@ -342,6 +480,11 @@ class StalenessQueue:
             "in_flight_samples": self.in_flight_groups() * self.group_size,
             "retried_by_reason": dict(self.retried),
             "redelivered_samples": self.redelivered,
+            "requeued_by_reason": dict(self.requeued),
+            "partial_aborted": self.requeued.get("partial_aborted", 0),
+            "aborted_tokens": self.aborted_tokens,
+            "partials_recorded": len(self._partials) + len(self._resume_partials),
+            "deadline_misses": self.deadline_misses,
         }
 
     def check_accounting(self, trained_by_actor: Optional[int] = None) -> None:
@@ -355,8 +498,10 @@ class StalenessQueue:
                 f"accounting broken: admitted {self.admitted} groups != trained {self.consumed_groups} "
                 f"+ dropped {self.dropped_groups} + in flight {self.in_flight_groups()}"
             )
-        m = self.metrics()
-        samples = m["trained_samples"] + m["dropped_samples"] + m["in_flight_samples"]
+        # The counts metrics() reports, without building it: this runs after every event of the tests.
+        m = {"admitted_samples": self.admitted * self.group_size, "generated_samples": self.generated,
+             "trained_samples": self.consumed_samples, "rewarded_samples": self.rewarded}
+        samples = self.consumed_samples + sum(self.dropped.values()) + self.in_flight_groups() * self.group_size
         if m["admitted_samples"] != samples or self.consumed_samples != self.consumed_groups * self.group_size:
             raise QueueError(f"accounting broken: admitted {m['admitted_samples']} samples != {samples}")
         held = sum(len(g.samples) for g in self._groups.values())
@@ -402,6 +547,14 @@ class StalenessQueue:
             # with the same weights as an uninterrupted one.
             "in_flight_need": {str(g.seq): g.need for g in self._groups.values() if g.need > self.version}
                               | {str(k): v for k, v in self._redo_need.items()},
+            # Their admission levels keep their deadlines; and the partial rollouts the rollout
+            # recorded (tokens, log-probs, versions), which a resumed run continues.
+            "in_flight_level": {str(g.seq): g.level for g in self._groups.values()}
+                               | {str(k): v for k, v in self._redo_level.items()},
+            "partials": {gid[1:]: pg.to_json() for gid, pg in (self._resume_partials | self._partials).items()
+                         if gid in self._groups or int(gid[1:]) in self._redo},
+            "requeued": dict(self.requeued),
+            "aborted_tokens": self.aborted_tokens,
             "group_size": self.group_size,
         }
 
@@ -425,6 +578,13 @@ class StalenessQueue:
         self._redo = deque(int(x) for x in snap["in_flight"])
         self._redo_need = {int(k): int(v) for k, v in snap.get("in_flight_need", {}).items()}
         self._ahead = Counter(self._redo_need.values())  # already admitted: they hold their levels
+        # Checkpoints from before levels were kept: regenerated at >= the checkpoint's version.
+        self._redo_level = {int(k): int(v) for k, v in snap.get("in_flight_level", {}).items()}
+        self._resume_partials = {group_name(int(k)): PartialGroup.from_json(v)
+                                 for k, v in snap.get("partials", {}).items()}
+        self.requeued = Counter(snap.get("requeued", {}))
+        self.aborted_tokens = int(snap.get("aborted_tokens", 0))
+        self._open = self.version  # a checkpoint is taken with no batch of the next step out
         self.check_accounting()
 
 
@@ -488,6 +648,28 @@ class QueueActor:
 
     def note_retry(self, reason: str) -> None:
         self.q.note_retry(reason)
+
+    async def requeue_many(self, group_ids: list[str], reason: str = "partial_aborted",
+                           tokens: Optional[list[int]] = None) -> int:
+        """``requeue`` for each aborted group (``tokens``: each one's tokens thrown away); returns
+        how many went back to admission. Producers waiting for admission get them first."""
+        n = sum(self.q.requeue(gid, reason, t) for gid, t in zip(group_ids, tokens or [0] * len(group_ids)))
+        await self._wake(self._capacity)
+        return n
+
+    def record_partials(self, partials: list) -> int:
+        """``StalenessQueue.record_partials`` (``PartialGroup``s or their ``to_json()``)."""
+        return self.q.record_partials(partials)
+
+    def take_partials(self, group_ids: list[str]) -> dict[str, dict]:
+        """The recorded partial rollouts, as ``PartialGroup.to_json()``, of those of ``group_ids``
+        a restored checkpoint holds one for (one call per rollout request)."""
+        out = {}
+        for gid in group_ids:
+            pg = self.q.take_partial(gid)
+            if pg is not None:
+                out[gid] = pg.to_json()
+        return out
 
     async def get_batch(self, num_groups: int, timeout_s: Optional[float] = None,
                         train_version: Optional[int] = None) -> Optional[Packed]:
