@@ -38,8 +38,9 @@ def test_dagger_toy_through_the_queue_with_a_checkpoint_teacher(ray_local, model
 
     model_dir = launch.prepare_model_dir(episode_cfg(tmp_path / "probe", model_cache))
     cfg = episode_cfg(tmp_path / "run", model_cache, "algorithm.teacher=checkpoint",
-                      f"algorithm.teacher_checkpoint={model_dir}")
+                      f"algorithm.teacher_checkpoint={model_dir}", "trainer.checkpoint_every=2")
     summary = run_experiment(cfg)
+    print("dagger:", {k: summary[k] for k in ("staleness_hist", "accounting", "labels", "curve", "wall_s")})
     assert summary["steps"] == 4
     check_queue_bound_and_accounting(summary, 4, 4)
     # The teacher role labels every visited state (1-4 per episode), aggregated in the actor.
@@ -57,12 +58,16 @@ def test_dagger_toy_through_the_queue_with_a_checkpoint_teacher(ray_local, model
     # Concurrent episodes share generate calls: serve.batch merged actions of different episodes.
     assert summary["student_actions"] > 2 * summary["generate_calls"] > 0
     assert not any(name.startswith(("rollout-", "teacher-")) for name in serve.status().applications)
+    # The checkpoint (accounting checked when written) holds the aggregated labels of its step.
+    state = json.load(open(os.path.join(summary["checkpoint"], "actor_state.json")))
+    assert state["algorithm"]["labels"] == summary["labels"] == len(state["algorithm"]["buffer"])
 
 
 def test_grpo_on_multi_turn_episodes_through_the_queue(ray_local, model_cache, tmp_path):
     cfg = episode_cfg(tmp_path / "grpo", model_cache, "rollout.group_size=4", "trainer.steps=3",
                       "rollout.groups_per_step=2", dagger=False)
     summary = run_experiment(cfg)
+    print("grpo:", {k: summary[k] for k in ("staleness_hist", "accounting", "reward_first", "reward_last", "wall_s")})
     assert summary["steps"] == 3
     check_queue_bound_and_accounting(summary, 3, 2, group_size=4)
     assert summary["labels"] == 0 and summary["success"] is None  # no teacher; trainer.eval_every=0: no eval
