@@ -35,6 +35,19 @@ class FaultConfig:
     trainer_restore_timeout_s: float = 300.0  # for Serve to bring the replicas back during such a restore
 
 
+# Serve's poll while a replica drains before it exits (its default is 2 s). A run deletes its apps
+# only after it has ended, with nothing in flight, so each poll of an idle replica is pure delay at
+# every run's (and every pipeline stage's) end; requests still running are waited for as before,
+# up to graceful_shutdown_timeout_s.
+DRAIN_POLL_S = 0.1
+
+
+def replica_options(f: FaultConfig) -> dict:
+    """The Serve deployment options every role gets from the fault config."""
+    return {"health_check_period_s": f.health_check_period_s, "health_check_timeout_s": f.health_check_timeout_s,
+            "graceful_shutdown_wait_loop_s": DRAIN_POLL_S}
+
+
 class ReplicaStateLost(RuntimeError):
     """A stateful replica (the trainer) was restarted by Serve and no longer holds the run's state."""
 

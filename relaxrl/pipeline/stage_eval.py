@@ -15,11 +15,8 @@ import os
 from typing import Any, Optional
 
 from omegaconf import DictConfig
-from ray import serve
-
 from relaxrl.launch import Roles, plain
 from relaxrl.pipeline.registry import CheckpointRegistry
-from relaxrl.weights import store_name
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +52,9 @@ class StageEval:
 
     def _evaluator(self, roles: Roles) -> Any:
         if self._handle is None:
-            from relaxrl.services.evaluator import Evaluator
+            from relaxrl.services.evaluator import deploy_evaluator
 
-            self._app = f"eval-{roles.run_id}"
-            app = Evaluator.options(ray_actor_options={"num_cpus": 0.1}).bind(
-                self.model_dir, self.eval_env, seed=self.cfg.seed, max_new_tokens=self.cfg.rollout.max_new_tokens,
-                dtype=self.cfg.model.dtype, torch_threads=self.cfg.rollout.torch_threads,
-                store_name=store_name(roles.run_id), namespace=self.cfg.ray.namespace,
-            )
-            self._handle = serve.run(app, name=self._app, route_prefix=None)
+            self._app, self._handle = deploy_evaluator(self.cfg, self.model_dir, self.eval_env, roles.run_id)
         return self._handle
 
     async def __call__(self, roles: Roles, step: int, metrics: dict) -> dict:
@@ -94,10 +85,9 @@ class StageEval:
 
     def close(self) -> None:
         if self._app is not None:
-            try:
-                serve.delete(self._app)
-            except Exception as e:  # best effort, like the roles' teardown
-                log.warning("could not delete Serve app %s: %s", self._app, e)
+            from relaxrl.services.evaluator import delete_evaluator
+
+            delete_evaluator(self._app)
             self._app = self._handle = None
 
 

@@ -110,12 +110,14 @@ class HeldoutEval:
 def deploy_evaluator(cfg: Any, model_dir: str, env: dict, run_id: str, avoid_cpus: Sequence[int] = ()) -> tuple:
     """Start a run's evaluator (Serve app ``eval-<run_id>``); returns ``(app name, handle)``."""
     from relaxrl.config_check import prompt_template_of
+    from relaxrl.faults import replica_options
     from relaxrl.launch import plain
     from relaxrl.weights import store_name
 
     tr = cfg.trainer
     name = f"eval-{run_id}"
-    app = Evaluator.options(ray_actor_options={"num_cpus": 0.1, "num_gpus": tr.eval_num_gpus}).bind(
+    app = Evaluator.options(ray_actor_options={"num_cpus": 0.1, "num_gpus": tr.eval_num_gpus},
+                            **replica_options(cfg.faults)).bind(
         model_dir, env, seed=cfg.seed, max_new_tokens=cfg.rollout.max_new_tokens, dtype=cfg.model.dtype,
         torch_threads=cfg.rollout.torch_threads, store_name=store_name(run_id), namespace=cfg.ray.namespace,
         lora=plain(cfg.model.lora) if cfg.model.lora.enabled else None, prompt_template=prompt_template_of(cfg),
