@@ -7,6 +7,7 @@ from typing import Any, Callable, Optional, Sequence
 from relaxrl.envs.arithmetic import ArithmeticEnv
 from relaxrl.envs.calculator import CalculatorEnv
 from relaxrl.envs.dataset import DatasetEnv
+from relaxrl.envs.gridwalk import GridWalkEnv
 from relaxrl.envs.guess import GuessEnv
 from relaxrl.envs.json_answer import JsonAnswerEnv
 from relaxrl.envs.mixture import MixtureEnv
@@ -16,7 +17,7 @@ ENVS: dict[str, Callable[..., Any]] = {
     "arithmetic": ArithmeticEnv, "dataset": DatasetEnv, "mixture": MixtureEnv, "json_answer": JsonAnswerEnv,
 }
 # Multi-turn envs (relaxrl/envs/multiturn.py): one object per concurrent episode.
-ENVS.update({"guess": GuessEnv, "calculator": CalculatorEnv})
+ENVS.update({"guess": GuessEnv, "calculator": CalculatorEnv, "gridwalk": GridWalkEnv})
 BUILTIN_ENVS = tuple(ENVS) + ("custom",)
 
 
