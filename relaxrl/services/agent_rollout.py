@@ -236,11 +236,12 @@ def agent_rollout_app(cfg: Any, model_dir: str, run_id: str, policy: Any) -> Any
 
     a, ray_cfg = cfg.agent, cfg.ray
     arch_len = _max_model_len(model_dir)
+    host = f"[{ray_cfg.host}]" if ":" in str(ray_cfg.host) else ray_cfg.host  # an IPv6 address in a URL
     return AgentRollout.options(num_replicas=1, ray_actor_options={"num_cpus": a.num_cpus}).bind(
         policy, model_dir, agent=plain(a), env=plain(cfg.env),
         sampling={"temperature": cfg.rollout.temperature, "top_p": cfg.rollout.top_p,
                   "max_new_tokens": cfg.rollout.max_new_tokens},
-        base_url=f"http://{ray_cfg.host}:{ray_cfg.http_port}{route_prefix(run_id)}",
+        base_url=f"http://{host}:{ray_cfg.http_port}{route_prefix(run_id)}",
         max_model_len=arch_len, reward=plain(cfg.reward))
 
 
