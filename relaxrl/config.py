@@ -131,6 +131,10 @@ class RolloutConfig:
     batch_wait_s: float = 0.005
     engine: str = "hf"  # hf (transformers, embedded default) | vllm (production; see docs/engines.md)
     vllm: VLLMOptions = field(default_factory=VLLMOptions)  # used when engine=vllm
+    # Each request streams on its own (continuous batching) and weights load in flight, between
+    # engine steps (docs/engines.md). Off: Serve batches requests into one generate call each.
+    streaming: bool = False
+    stream_chunk_tokens: int = 16  # streaming with engine=hf: tokens per chunk (weights change between chunks)
 
 
 @dataclass

@@ -240,6 +240,19 @@ class _Job:
         return Generation(self.ids, self.logprobs, "stop" if self.stopped else "length", list(self.versions))
 
 
+def _settle(future, result=None, error: Optional[BaseException] = None) -> None:
+    """Resolve ``future`` unless its caller cancelled it meanwhile."""
+    from concurrent.futures import InvalidStateError
+
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except InvalidStateError:  # cancelled from another thread
+        pass
+
+
 def sampling_key(params: SamplingParams) -> tuple:
     """Requests that may share a generate call: same temperature and top-p."""
     return (float(params.temperature), float(params.top_p))
@@ -325,6 +338,12 @@ class StreamingHFEngine:
 
         await asyncio.wrap_future(self.submit_weights(payload))
 
+    def load_state_iterator(self, tensors, version: int) -> None:
+        """Full weights as ``(name, tensor)`` pairs (the broadcast receiver's path), at the next chunk."""
+        from relaxrl.engines.payload import pack_weights
+
+        self.load_weights(pack_weights(dict(tensors), version=version, kind="full"))
+
     def submit_weights(self, payload: WeightPayload):
         from concurrent.futures import Future
 
@@ -350,7 +369,7 @@ class StreamingHFEngine:
             for item in items:
                 if item is None:
                     for job in active:
-                        job.future.set_exception(RuntimeError("the streaming HF engine was closed"))
+                        _settle(job.future, error=RuntimeError("the streaming HF engine was closed"))
                     return
                 if isinstance(item, _Job):
                     active.append(item)
@@ -373,19 +392,23 @@ class StreamingHFEngine:
         returns the jobs still unfinished."""
         groups: dict[tuple, list[_Job]] = {}
         for job in active:
+            if job.future.cancelled():  # the caller gave up on it (an aborted partial rollout)
+                continue
             groups.setdefault(sampling_key(job.params), []).append(job)
         left = []
         for jobs in groups.values():
             n = min(self.chunk_tokens, max(j.remaining for j in jobs))
             first = jobs[0].params
-            seed = None if first.seed is None else (first.seed + 7919 * self.chunks) % (2**63 - 1)
+            # From the requests' own seeds and progress: the same requests arriving together give
+            # the same tokens (which requests share a chunk depends on timing, though).
+            seed = None if first.seed is None else (first.seed + 7919 * len(jobs[0].ids)) % (2**63 - 1)
             params = SamplingParams(first.temperature, first.top_p, n, seed)
             version = self.engine.version
             try:
                 gens = self.engine.generate([j.prompt + j.ids for j in jobs], params)
             except BaseException as e:
                 for j in jobs:
-                    j.future.set_exception(e)
+                    _settle(j.future, error=e)
                 continue
             for j, g in zip(jobs, gens):
                 k = min(len(g.response_ids), j.remaining)
@@ -395,7 +418,7 @@ class StreamingHFEngine:
                 self.tokens_streamed += k
                 j.stopped = g.finish_reason == "stop" and k == len(g.response_ids)
                 if j.stopped or j.remaining <= 0:
-                    j.future.set_result(j.result())
+                    _settle(j.future, j.result())
                 else:
                     left.append(j)
         self.chunks += 1

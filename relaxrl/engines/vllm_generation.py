@@ -498,8 +498,15 @@ class StreamingVLLMEngine:
         if llm is None:
             return
         self.llm = None
-        try:
+
+        async def stop() -> None:
+            # The output handler first: it would report the core's exit as a dead engine.
+            if llm.output_handler is not None:
+                llm.output_handler.cancel()
             llm.shutdown()
+
+        try:
+            self._call(stop())
         except Exception as e:  # best effort
             log.debug("AsyncLLM shutdown: %s", e)
         self._loop.call_soon_threadsafe(self._loop.stop)

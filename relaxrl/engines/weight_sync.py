@@ -47,6 +47,7 @@ class SyncStats:
     bytes: int = 0
     buckets: int = 0
     seconds: float = 0.0
+    receive_seconds: float = 0.0  # receiver only: of ``seconds``, the time the sender was in the collective
 
     @property
     def gb_per_s(self) -> float:

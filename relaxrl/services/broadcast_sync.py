@@ -9,8 +9,10 @@ rollout replicas join at start-up. A collective needs every member, so:
 - every version is received by every replica, in order (the sender's broadcast of version v
   completes only when all replicas took part, so at most one version is pending);
 - each replica receives in a background thread, not between requests, so an idle replica (the
-  queue gate holding producers back) never stalls the trainer; a lock keeps weights fixed during a
-  generate call, so each batch still comes from a single version.
+  queue gate holding producers back) never stalls the trainer; it takes the whole version before
+  loading it, so neither does a busy one (the trainer's broadcast never waits for a generate call
+  in flight); a lock keeps weights fixed during a batch-synchronous generate call, so each batch
+  still comes from a single version, while a streaming engine loads between its steps.
 
 Full weights only (a LoRA run keeps the object store: the adapter is small). Rollout engines:
 HF, or vLLM with one in-process worker (``load_state_iterator``).
@@ -174,8 +176,14 @@ class BroadcastReceiver:
                     continue
                 version, plan = pending
                 start = time.perf_counter()
+                # Take the whole version first, then load: the trainer's broadcast completes without
+                # waiting for the generate call in flight (which holds the lock on the batch path;
+                # a streaming engine loads between its steps). Costs one received copy until loaded.
+                received = list(receive_weights(plan, broadcast, self.device))
+                self.stats.receive_seconds += time.perf_counter() - start
                 with self.lock:
-                    load_received(self.engine, receive_weights(plan, broadcast, self.device), version)
+                    load_received(self.engine, received, version)
+                del received
                 self.stats.seconds += time.perf_counter() - start
                 self.stats.bytes += sum(b.nbytes for b in plan)
                 self.stats.buckets += len(plan)

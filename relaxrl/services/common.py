@@ -95,6 +95,7 @@ class WeightFollower:
         self.sync_bytes = 0  # payload bytes loaded, for the benchmarks
         self.failures = 0
         self._known: Optional[tuple[int, list[Any]]] = None  # a newer publication wait_for saw, not yet loaded
+        self.last_interval: dict[str, float] = {}  # the latest load's weights_start/weights_end
 
     def _newest_seen(self) -> int:
         return max(self.engine.version, self._known[0] if self._known else -1)
@@ -135,7 +136,48 @@ class WeightFollower:
         payload = await ref
         self.engine.load_weights(payload)
         end = time.time()
+        self._count(payload, start, end)
+        return {"weights_start": start, "weights_end": end}
+
+    def _count(self, payload: Any, start: float, end: float) -> None:
         self.sync_s += end - start
         self.loads += 1
         self.sync_bytes += payload.nbytes
-        return {"weights_start": start, "weights_end": end}
+        self.last_interval = {"weights_start": start, "weights_end": end}
+        log.info("weights v%d: %d bytes copied into the rollout engine in %.3f s", payload.version, payload.nbytes,
+                 end - start)
+
+    def last_load_within(self, since: float) -> dict[str, float]:
+        """The latest load's interval if it ended after ``since`` (it happened under a request)."""
+        return dict(self.last_interval) if self.last_interval.get("weights_end", 0.0) >= since else {}
+
+    async def follow(self, on_loaded: Optional[Any] = None, poll_s: float = 30.0) -> None:
+        """Streaming engines: load every published version as soon as it is published, while
+        requests are in flight (``engine.aload_weights`` pauses generation between engine steps),
+        then call ``on_loaded(version)``. Runs until cancelled; a failed load is counted and logged,
+        and the replica keeps its weights (each token records its version; the queue enforces
+        staleness)."""
+        if self.store is None:
+            return
+        while True:
+            try:
+                newer = await self.store.wait_newer.remote(self.engine.version, poll_s)
+                if newer is None or newer[0] <= self.engine.version:
+                    continue
+                await asyncio.wait_for(self._load_in_flight(newer), self.timeout_s)
+                if on_loaded is not None:
+                    on_loaded(self.engine.version)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                self.failures += 1
+                log.warning("in-flight weight load failed (keeping version %s): %s: %s", self.engine.version,
+                            type(e).__name__, e)
+                await asyncio.sleep(min(1.0, poll_s))
+
+    async def _load_in_flight(self, newer: tuple[int, list[Any]]) -> None:
+        _, (ref,) = newer
+        payload = await ref
+        start = time.time()
+        await self.engine.aload_weights(payload)
+        self._count(payload, start, time.time())

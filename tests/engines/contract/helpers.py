@@ -29,6 +29,9 @@ needs_deepspeed = pytest.mark.skipif(
     not _installed("deepspeed"), reason="deepspeed is not installed (the DeepSpeed cases run in .ci/run's engines venv)"
 )
 GENERATION_KINDS = [pytest.param("hf", id="hf"), pytest.param("vllm", id="vllm", marks=needs_vllm)]
+# The streaming engines (rollout.streaming=true) meet the same contract (LoRA: batch engines only).
+STREAMING_KINDS = [pytest.param("hf-stream", id="hf-stream"),
+                   pytest.param("vllm-stream", id="vllm-stream", marks=needs_vllm)]
 TRAINER_KINDS = [
     pytest.param(("torch", {}), id="torch"),
     pytest.param(("deepspeed", {"zero_stage": 1}), id="deepspeed-zero1", marks=needs_deepspeed),
@@ -38,6 +41,14 @@ TRAINER_KINDS = [
 def make_generation_engine(kind: str, model_dir: str, lora: LoraConfig | None = None):
     if kind == "hf":
         return HFGenerationEngine.from_pretrained(model_dir, lora=lora)
+    if kind == "hf-stream":
+        from relaxrl.engines.hf_generation import StreamingHFEngine
+
+        return StreamingHFEngine(HFGenerationEngine.from_pretrained(model_dir, lora=lora), chunk_tokens=4)
+    if kind == "vllm-stream":
+        from relaxrl.engines.vllm_generation import StreamingVLLMEngine
+
+        return StreamingVLLMEngine(model_dir, lora=lora, dtype="float32", options={"cpu_kvcache_gib": 1})
     from relaxrl.engines.vllm_generation import VLLMGenerationEngine
 
     return VLLMGenerationEngine(model_dir, lora=lora, dtype="float32", options={"cpu_kvcache_gib": 1})

@@ -12,6 +12,7 @@ from relaxrl.models.lora import adapter_state_dict
 from .helpers import (
     GENERATION_KINDS,
     LORA,
+    STREAMING_KINDS,
     TOL,
     close,
     lora_model_with_adapter,
@@ -22,7 +23,7 @@ from .helpers import (
 )
 
 
-@pytest.fixture(scope="module", params=GENERATION_KINDS)
+@pytest.fixture(scope="module", params=GENERATION_KINDS + STREAMING_KINDS)
 def engine(request, model_dir):
     e = make_generation_engine(request.param, model_dir)
     yield e
