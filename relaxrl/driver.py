@@ -12,6 +12,9 @@ while it still trains step k, so it never waits on the driver between steps. Sev
 at once; the queue's admission gate bounds how far ahead of the trainer they may get, so with
 ``max_staleness >= 1`` generation overlaps training and with 0 it alternates with it. The driver
 never holds a batch: samples flow between roles as object refs.
+
+A multi-turn run is the same loops: a group is the episodes of one env seed (``build_request``),
+the rollout is the episode rollout and the env's steps reward the episodes (no reward stop).
 """
 
 from __future__ import annotations
