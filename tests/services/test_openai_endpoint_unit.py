@@ -8,7 +8,7 @@ import pytest
 from relaxrl.envs.agent import agent_problems, check_agent, check_agent_config, is_async_agent, make_agent
 from relaxrl.envs.chat_tokens import ChatFormat
 from relaxrl.services.openai_endpoint import (EPISODE_PATH, EndpointError, EpisodeBook, completion_body, copy_chat,
-                                              cut_reply, episode_fields, parse_request)
+                                              cut_reply, episode_fields, models_body, parse_request)
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +127,10 @@ def test_the_route_the_openai_client_calls_and_the_completion_body():
     m = EPISODE_PATH.search("/relaxrl/ab12cd34/g3-1-0f0f/v1/chat/completions")
     assert m["episode"] == "g3-1-0f0f" and m["what"] == "chat/completions"
     assert EPISODE_PATH.search("/relaxrl/ab12cd34/g3-1-0f0f/v1/completions") is None
+    assert EPISODE_PATH.search("/relaxrl/ab12cd34/g3-1-0f0f/v1/models")["what"] == "models"
+    from openai.types import Model
+
+    assert Model.model_validate(models_body("policy")["data"][0]).id == "policy"  # client.models.list()
     from openai.types.chat import ChatCompletion
 
     body = completion_body("g3-1-0f0f", 2, "policy", "46", "stop", [5, 6, 7], [8, 1], version=3)
