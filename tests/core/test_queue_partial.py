@@ -63,19 +63,21 @@ def test_the_trainer_waits_for_a_slow_group_at_its_deadline_instead_of_dropping_
 
 
 def test_a_batch_asked_ahead_may_not_leave_a_group_past_its_deadline():
-    """The trainer asks for step 1's batch while step 0 trains; g0 is due at version 1 (max
-    staleness 1), so that batch must hold it: it waits for g0 rather than take g1 alone."""
-    q = StalenessQueue(groups_per_step=1, group_size=1, max_staleness=1, required_fields=FIELDS)
-    for _ in range(2):
-        q.admit()
+    """The trainer asks for step 1's batch while step 0 trains. g2 was admitted ahead for version 1
+    and is done as soon as those weights are published; g0 (version 0, max_staleness 1) is due at
+    version 1, so step 1's batch must be g0: it waits for g0 rather than take g2 and drop g0 later."""
+    q = StalenessQueue(groups_per_step=1, group_size=1, max_staleness=1, required_fields=FIELDS, admit_ahead=1)
+    assert [q.admit(), q.admit(), q.admit()] == [0, 1, 2] and q.need(2) == 1
     q.put(group(1, 1, [0]))
     assert [s.uid for s in q.take(1)] == ["g1/0"]  # step 0
+    q.put(group(2, 1, [1]))  # weights 1 are published before the queue learns the version
     assert q.take(1, train_version=1) is None  # step 1, asked ahead: g0 is not done
     q.put(group(0, 1, [0]))
     assert [s.uid for s in q.take(1, train_version=1)] == ["g0/0"]
-    assert not q.can_admit()  # capacity 2 at version 0: both slots were trained
     q.set_version(1)
-    assert q.can_admit() and q.admit() == 2
+    q.set_version(2)
+    assert [s.uid for s in q.take(1)] == ["g2/0"]
+    assert q.metrics()["dropped_by_reason"] == {} and q.metrics()["staleness_hist"] == {0: 1, 1: 2}
 
 
 def test_put_refuses_token_versions_that_go_back_or_do_not_fit():

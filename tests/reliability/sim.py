@@ -32,12 +32,16 @@ from relaxrl.sample import Sample
 FIELDS = ("response_ids", "behaviour_logprobs", "reward")
 
 
-def long_tail_lengths(base: int = 8, long_frac: float = 0.1, factor: int = 8) -> Callable[[int, int], int]:
-    """Response length of sample ``index`` of group ``seq``: ``long_frac`` of the prompts are
-    ``factor`` times longer; each response varies by up to ``base`` tokens around its prompt's."""
-    def length(seq: int, index: int) -> int:
-        long = random.Random(seq * 7919).random() < long_frac
-        return base * (factor if long else 1) + random.Random(seq * 104729 + index).randrange(base)
+def long_tail_lengths(base: int = 8, long_frac: float = 0.1, factor: int = 8,
+                      per_attempt: bool = False) -> Callable[[int, int, int], int]:
+    """Response length of sample ``index`` of group ``seq`` at its ``attempt``-th generation:
+    ``long_frac`` of the prompts are ``factor`` times longer, each response varies by up to
+    ``base`` tokens around its prompt's. ``per_attempt``: every generation draws afresh (10% of
+    attempts long), as a model does when an aborted group is generated again under new weights."""
+    def length(seq: int, index: int, attempt: int) -> int:
+        key = seq * 1_000_003 + (attempt if per_attempt else 0)
+        long = random.Random(key * 7919).random() < long_frac
+        return base * (factor if long else 1) + random.Random(key * 104729 + index).randrange(base)
     return length
 
 
@@ -62,7 +66,7 @@ class SimConfig:
     decode_rate: float = 4.0  # decode events per time unit, per group
     step_rate: float = 1.0  # steps per time unit (exponential step times)
     prefetch: bool = True  # the trainer asks for step k+1's batch while it trains step k
-    length: Callable[[int, int], int] = field(default_factory=long_tail_lengths)
+    length: Callable[[int, int, int], int] = field(default_factory=long_tail_lengths)
     fail: Callable[[int], Optional[str]] = field(default_factory=failures)
     queue_cls: type = StalenessQueue
 
@@ -98,6 +102,10 @@ class Sim:
         self.log: list[tuple[int, list[tuple[str, tuple[int, ...]]]]] = []  # (train version, [(uid, versions)])
         self.trained: set[str] = set()
         self.generated_lengths: list[int] = []  # every response generated to the end
+        # Each group's lengths at its first generation: what the policy generates for the prompts
+        # admitted, and what a synchronous run would train on.
+        self.first_lengths: dict[int, list[int]] = {}
+        self.attempts: dict[int, int] = {}
         self.trained_lengths: list[int] = []
         self.tokens_generated = 0
         self.resumed_tokens = 0  # tokens a resumed run did not generate again (continued partials)
@@ -136,8 +144,10 @@ class Sim:
                 continue
             if pg is not None:
                 self.resumed_tokens += pg.tokens
+            attempt = self.attempts[seq] = self.attempts.get(seq, -1) + 1
             gen = _Gen(seq, pg or PartialGroup(group_name(seq)),
-                       [self.cfg.length(seq, i) for i in range(self.cfg.group_size)], next(self.epochs))
+                       [self.cfg.length(seq, i, attempt) for i in range(self.cfg.group_size)], next(self.epochs))
+            self.first_lengths.setdefault(seq, gen.lengths)
             if q.need(seq) > q.version:
                 self.waiting.append(seq)
             self.gens[seq] = gen

@@ -163,11 +163,11 @@ def test_weight_updates_land_mid_generation_and_continue_keeps_each_tokens_versi
     several versions (continue), aborted generations re-queued and trained later (abort)."""
     cfg = dict(max_staleness=2, groups_per_step=2, group_size=2, producers=8, seed=3)
     cont = Sim(SimConfig(partial="continue", **cfg))
-    cont.step(10_000)
+    cont.step(5_000)
     mixed = [v for _, batch in cont.log for _, v in batch if len(set(v)) > 1]
     assert len(mixed) > 100 and cont.q.metrics()["partial_aborted"] == 0
     ab = Sim(SimConfig(partial="abort", **cfg))
-    ab.step(10_000)
+    ab.step(5_000)
     m = ab.q.metrics()
     assert m["partial_aborted"] > 50 and m["aborted_tokens"] > 0 and m["dropped_by_reason"].get("stale", 0) == 0
     assert not [v for _, batch in ab.log for _, v in batch if len(set(v)) > 1]  # abort never mixes versions
