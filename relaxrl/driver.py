@@ -117,6 +117,8 @@ class RunResult:
             "checkpoint": self.checkpoint,
             "producer_errors": self.producer_errors,
             "retried_by_reason": self.queue.get("retried_by_reason", {}),
+            # Generations aborted by a weight update and re-queued with their prompt (relaxrl.partial).
+            "partial_aborted": self.queue.get("partial_aborted", 0),
             "accounting": {k: self.queue.get(k) for k in ACCOUNTING_KEYS},
             "resumed_from": self.resumed_from,
             "trainer_restarts": self.trainer_restarts,

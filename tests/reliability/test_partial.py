@@ -58,3 +58,10 @@ def test_a_partial_group_extends_under_new_weights_and_round_trips_through_json(
     bad["responses"][0]["token_versions"] = [2, 3]
     with pytest.raises(ValueError, match="2 token versions for 3"):
         PartialGroup.from_json(bad)
+
+
+def test_the_run_summary_counts_aborted_generations():
+    from relaxrl.driver import RunResult
+
+    assert RunResult(queue={"partial_aborted": 3}).summary()["partial_aborted"] == 3
+    assert RunResult().summary()["partial_aborted"] == 0
