@@ -7,8 +7,10 @@ A checkpoint directory ``<run_dir>/checkpoints/<name>/`` holds
 * ``actor_state.json`` — the trainer's ledger of trained samples (``relaxrl.ledger``: none is
   trained twice after a resume; a few integers per group in flight), Python/NumPy RNG;
 * ``meta.json`` — step, version, the queue's accounting and data position (groups admitted so far
-  and those in flight, which a resume generates again with the same task and seed), the rewards so
-  far, the model architecture, the run files copied alongside (``RUN_FILES``), and the length of
+  and those in flight, which a resume generates again with the same task and seed, with their
+  admission levels, and the partial rollouts the rollout recorded for them: tokens, behaviour
+  log-probs and token versions per response, which a resume continues instead; see
+  ``StalenessQueue.snapshot`` and ``relaxrl.partial``), the rewards so far, the model architecture, the run files copied alongside (``RUN_FILES``), and the length of
   the run's ``train_log.jsonl`` at this step (``train_log_bytes``): the log is not copied (it grows
   with the run); a resume cuts the run's log back to that length.
 
@@ -67,6 +69,14 @@ def finish(tmp: str, final: str, meta: dict, run_dir: str) -> str:
         shutil.rmtree(final)
     os.replace(tmp, final)
     return final
+
+
+def partial_rollouts(meta: dict) -> dict[str, Any]:
+    """The partial rollouts a checkpoint's ``meta`` carries, by group id (``PartialGroup``s): what a
+    resumed run continues. Empty for a checkpoint taken with none in flight, or before they were kept."""
+    from relaxrl.partial import PartialGroup
+
+    return {f"g{seq}": PartialGroup.from_json(pg) for seq, pg in meta.get("queue", {}).get("partials", {}).items()}
 
 
 def load_meta(path: str) -> dict:

@@ -73,6 +73,25 @@ def test_snapshot_restore_reissues_in_flight_groups_with_their_sequence_numbers(
         r.restore(snap)
 
 
+def test_a_checkpoint_on_disk_carries_the_partial_rollouts_in_flight(tmp_path):
+    """meta.json holds the queue's snapshot: the recorded partial rollouts come back from disk."""
+    q = StalenessQueue(groups_per_step=1, group_size=2, max_staleness=1, required_fields=FIELDS)
+    q.admit()
+    pg = PartialGroup("g0")
+    pg.response(1).extend([4, 5, 6], [-0.1, -0.2, -0.3], version=0)
+    q.record_partials([pg])
+    final = str(tmp_path / "checkpoints" / "step_1")
+    tmp = checkpoint.partial_dir(final)
+    os.makedirs(tmp)
+    checkpoint.finish(tmp, final, {"step": 1, "queue": q.snapshot()}, str(tmp_path))
+    meta = checkpoint.load_meta(final)
+    assert checkpoint.partial_rollouts(meta) == {"g0": pg}
+    assert checkpoint.partial_rollouts({"step": 1, "queue": {}}) == {}  # a checkpoint from before them
+    r = StalenessQueue(groups_per_step=1, group_size=2, max_staleness=1, required_fields=FIELDS)
+    r.restore(meta["queue"])
+    assert r.admit() == 0 and r.take_partial("g0") == pg
+
+
 def test_task_stream_resumes_at_its_data_position():
     env = ArithmeticEnv()
     fresh = TaskStream(env, seed=5)
