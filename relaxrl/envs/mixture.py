@@ -46,9 +46,15 @@ class MixtureEnv:
             raise ValueError(f"unknown split {split!r}; valid: {list(SPLITS)}")
         streams = [env.tasks(split, seed) for env in self.parts]
         if split == "eval":
-            for domain, stream in zip(self.domains, streams):
-                for t in stream:
-                    yield Task(f"{domain}/{t.task_id}", t.prompt, t.answer, domain, t.meta)
+            # Domains take turns, so any prefix (trainer.eval_max_tasks) scores every domain.
+            live = list(zip(self.domains, streams))
+            while live:
+                for domain, stream in list(live):
+                    t = next(stream, None)
+                    if t is None:
+                        live.remove((domain, stream))
+                    else:
+                        yield Task(f"{domain}/{t.task_id}", t.prompt, t.answer, domain, t.meta)
             return
         for i in itertools.count():
             t = next(streams[i % len(streams)])

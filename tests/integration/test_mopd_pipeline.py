@@ -17,9 +17,10 @@ pytestmark = [pytest.mark.ray]
 FAST = [
     "+experiment=mopd_toy", "logger.progress=false", "model.warm_start.steps=50",
     "rollout.group_size=4", "rollout.groups_per_step=2",
-    "pipeline.stages.0.steps=2", "pipeline.stages.0.eval_every=1",
-    "pipeline.stages.1.steps=2", "pipeline.stages.1.eval_every=1",
-    "pipeline.stages.2.steps=3", "pipeline.stages.2.eval_every=1",
+    "pipeline.stages.0.steps=1", "pipeline.stages.0.eval_every=1",
+    "pipeline.stages.1.steps=1", "pipeline.stages.1.eval_every=1",
+    "pipeline.stages.2.steps=2", "pipeline.stages.2.eval_every=1",
+    "trainer.eval_max_tasks=32",  # per domain's share of the eval split: what is tested is the bookkeeping
 ]
 
 
@@ -47,7 +48,7 @@ def test_one_command_runs_the_stages_and_stores_the_registry_then_resumes(ray_lo
     evals = {s: read_jsonl(run_dir / s / "eval.jsonl") for s in ("grpo_add", "grpo_sub", "mopd")}
     assert add.score == max(r["domains"]["add"]["accuracy"] for r in evals["grpo_add"])
     assert sub.score == max(r["domains"]["sub"]["accuracy"] for r in evals["grpo_sub"])
-    assert [r["step"] for r in evals["mopd"]] == [0, 1, 2, 3]
+    assert [r["step"] for r in evals["mopd"]] == [0, 1, 2]
     assert all(set(r["domains"]) == {"add", "sub"} for rows in evals.values() for r in rows)
 
     # Each stage starts from the previous stage's final checkpoint; MOPD is served both teachers.
@@ -57,7 +58,7 @@ def test_one_command_runs_the_stages_and_stores_the_registry_then_resumes(ray_lo
     mopd_cfg = (run_dir / "mopd" / "resolved_config.yaml").read_text()
     assert add.path in mopd_cfg and sub.path in mopd_cfg and "name: mopd" in mopd_cfg
     steps = [r for r in read_jsonl(run_dir / "mopd" / "metrics.jsonl") if "step" in r]
-    assert len(steps) == 3 and all("teacher_kl" in r and "eval/add/accuracy" in r for r in steps)
+    assert len(steps) == 2 and all("teacher_kl" in r and "eval/add/accuracy" in r for r in steps)
     assert all(0.5 <= r["is_weight_mean"] <= 2.0 for r in steps)
 
     # Resume at the MOPD stage: the GRPO stages are reused, not rerun.
@@ -67,5 +68,5 @@ def test_one_command_runs_the_stages_and_stores_the_registry_then_resumes(ray_lo
                                                        "pipeline.start_at=mopd"])
     result = run_pipeline(cfg)
     assert (run_dir / "grpo_add" / "metrics.jsonl").read_text() == add_metrics
-    assert len(read_jsonl(run_dir / "mopd" / "eval.jsonl")) == 8  # appended by the rerun
+    assert len(read_jsonl(run_dir / "mopd" / "eval.jsonl")) == 6  # appended by the rerun
     assert result["teachers"] == {"add": add.score, "sub": sub.score}

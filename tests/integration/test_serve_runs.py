@@ -44,14 +44,19 @@ def test_async_mode_overlaps_generation_and_training(ray_local, tmp_path, model_
 
 
 def test_lora_run_publishes_only_the_adapter(ray_local, tmp_path, model_cache):
-    full = make_cfg(tmp_path / "full", model_cache, "trainer.steps=2", "rollout.max_staleness=0")
-    lora = make_cfg(tmp_path / "lora", model_cache, "trainer.steps=2", "rollout.max_staleness=0",
-                    "model.lora.enabled=true", "model.lora.r=4")
-    s_full, s_lora = run_experiment(full), run_experiment(lora)
+    from safetensors.torch import load_file
+
+    from relaxrl.launch import prepare_model_dir
+
+    cfg = make_cfg(tmp_path, model_cache, "trainer.steps=2", "rollout.max_staleness=0",
+                   "model.lora.enabled=true", "model.lora.r=4")
+    s_lora = run_experiment(cfg)
     assert s_lora["steps"] == 2 and s_lora["weights_kind"] == "lora"
-    assert s_full["weights_kind"] == "full"
-    assert s_lora["weights_nbytes"] < 0.1 * s_full["weights_nbytes"]
-    print(f"lora bytes={s_lora['weights_nbytes']} full bytes={s_full['weights_nbytes']}")
+    # What a full run publishes: every weight of the model, in fp32 (the trainer's master weights).
+    weights = load_file(f"{prepare_model_dir(cfg)}/model.safetensors")
+    full_nbytes = sum(t.numel() * 4 for t in weights.values())
+    assert s_lora["weights_nbytes"] < 0.1 * full_nbytes
+    print(f"lora bytes={s_lora['weights_nbytes']} full bytes={full_nbytes}")
 
 
 def test_kl_to_reference_goes_through_the_teacher_role(ray_local, tmp_path, model_cache):
