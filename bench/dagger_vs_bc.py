@@ -1,22 +1,30 @@
-"""DAgger vs behaviour cloning vs outcome-only GRPO on a multi-turn toy env, at one label budget.
+"""DAgger vs behaviour cloning vs outcome-only GRPO on a multi-turn toy env, at one label budget, over seeds.
 
-    python bench/dagger_vs_bc.py                     # guess-the-number env, 600 labels each
-    python bench/dagger_vs_bc.py --env calculator --steps 240 --steps-per-iter 8 --labels 800 --decay-iters 20
+    python bench/dagger_vs_bc.py                     # gridwalk (covariate shift), seeds 0,1,2
+    python bench/dagger_vs_bc.py --env guess --labels 600 --steps 300 --steps-per-iter 5 --decay-iters 10 \
+        --seeds 0 --eval-episodes 128 --batch-size 32
     python bench/dagger_vs_bc.py --smoke             # seconds; what the test suite runs
 
-All three start from the same randomly initialised tiny Qwen2 (CPU, fixed seeds) and take the
-same number of optimizer steps on the same number of training episodes per collection:
+``gridwalk`` (relaxrl/envs/gridwalk.py) is the env built for DAgger: an open grid walked from ``a0``
+to a goal drawn per seed while moves slip, whose expert demonstrations only move down and right, so
+they rarely contain the states a slip or one wrong move leads to, nor the moves back from them.
+``guess`` and ``calculator`` have expert paths small enough to memorise (BC wins there).
+
+Every seed starts the three methods from the same randomly initialised tiny Qwen2 (the seed's),
+CPU, and they take the same number of optimizer steps on the same number of training episodes per
+collection:
 
 * DAgger: per-turn teacher probability beta decays linearly 1 -> 0; the env's expert labels every
   visited state; cross-entropy on the aggregated labels; stops collecting at the label budget.
 * BC: beta = 1 throughout (teacher-only episodes), the same label budget, the same training.
 * GRPO: outcome reward only (no labels), groups of episodes per seed.
 
-Success is measured on held-out seeds (never trained on) with the student alone, sampling at the
-rollout temperature as it does in training (``success``) and greedily (``success_greedy``).
-Ends with ``dagger_vs_bc: dagger_success=D bc_success=B grpo_success=G labels=N``, then writes the
-success-vs-labels plot (docs/dagger_success_vs_labels[_<env>].png); without matplotlib it prints how to
-install it (``pip install -e '.[bench]'``) instead.
+Success is measured on held-out env seeds (never trained on) with the student alone, sampling at
+the rollout temperature as it does in training (``success``) and greedily (``success_greedy``).
+Prints a row per method and seed, then ends with
+``dagger_vs_bc: dagger_success=D bc_success=B grpo_success=G labels=N seeds=S`` (medians over the
+seeds), then writes the success-vs-labels plot (docs/dagger_success_vs_labels[_<env>].png); without
+matplotlib it prints how to install it (``pip install -e '.[bench]'``) instead.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import argparse
 import json
 import logging
 import os
+import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -38,6 +47,7 @@ ENVS = {
     "calculator": {"name": "calculator", "ops": ["+"], "min_operand": 10, "max_operand": 99, "max_turns": 4,
                    "max_action_tokens": 14},
     "guess": {"name": "guess", "high": 15, "max_turns": 5, "max_action_tokens": 4},
+    "gridwalk": {"name": "gridwalk", "size": 6, "slip": 0.3, "max_turns": 20, "max_action_tokens": 2},
 }
 
 
@@ -55,39 +65,70 @@ def method_config(method: str, a: argparse.Namespace):
                         group_size=a.grpo_group, **common)
 
 
-def run_method(method: str, a: argparse.Namespace, model_dir: str) -> dict:
+def model_dir_for(a: argparse.Namespace, seed: int) -> str:
+    """The seed's random tiny model (built once, cached); every method of the seed starts from it."""
+    from relaxrl.models.loading import prepare_tiny_model_dir
+
+    # A student's early, random episodes run past the default 256 positions (invalid actions are long).
+    return prepare_tiny_model_dir(cache_dir=a.cache_dir, model_kwargs={"seed": seed, "max_position_embeddings": 512},
+                                  warm_start_pairs_fn=None, warm_start={}, key_extra={"purpose": "dagger_bench"})
+
+
+def run_method(method: str, seed: int, a: argparse.Namespace, model_dir: str) -> dict:
     import torch
 
     from relaxrl.episodic.local import LocalEpisodes
 
     torch.set_num_threads(1)
     t0, c0 = time.time(), time.process_time()
-    runner = LocalEpisodes(model_dir, ENVS[a.env], method_config(method, a), lr=a.lr, seed=a.seed,
+    env = {**ENVS[a.env], **({"max_turns": a.max_turns} if a.max_turns else {})}
+    runner = LocalEpisodes(model_dir, env, method_config(method, a), lr=a.lr, seed=seed,
                            micro_batch_size=a.batch_size)
     res = runner.run(a.steps)
-    return {"method": method, "labels": res.labels, "episodes": res.episodes, "curve": res.curve,
-            "final": res.final, "evicted": res.evicted, "labels_dropped": res.labels_dropped,
-            "wall_s": time.time() - t0, "cpu_s": time.process_time() - c0}
+    out = {"method": method, "seed": seed, "labels": res.labels, "episodes": res.episodes, "curve": res.curve,
+           "final": res.final, "evicted": res.evicted, "labels_dropped": res.labels_dropped,
+           "wall_s": time.time() - t0, "cpu_s": time.process_time() - c0}
+    print(f"done {method} seed {seed}: success={res.final['success']:.3f} in {out['wall_s']:.0f}s",
+          file=sys.stderr, flush=True)
+    return out
 
 
-def draw(results: dict, env: str) -> Callable:
-    """The figure: success vs labels (GRPO, which takes none, as a line) and success vs steps."""
-    return lambda plt: _draw(plt, results, env)
+STYLES = {"dagger": ("DAgger (beta 1 -> 0)", "C0"), "bc": ("BC (teacher-only episodes)", "C1"),
+          "grpo": ("GRPO (outcome only)", "C2")}
 
 
-def _draw(plt, results: dict, env: str):
+def median_curve(per_seed: list[dict]) -> tuple[list[float], list[float], list[float]]:
+    """Median labels, steps and success over seeds at each evaluation (every seed evaluates at the same steps)."""
+    n = min(len(r["curve"]) for r in per_seed)
+    med = lambda key, i: statistics.median(r["curve"][i][key] for r in per_seed)  # noqa: E731
+    return ([med("labels", i) for i in range(n)], [med("step", i) for i in range(n)],
+            [med("success", i) for i in range(n)])
+
+
+def draw(runs: dict, env: str) -> Callable:
+    """The figure: success vs labels (GRPO, which takes none, as a line) and success vs steps; the
+    median over seeds bold, each seed thin."""
+    return lambda plt: _draw(plt, runs, env)
+
+
+def _draw(plt, runs: dict, env: str):
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    styles = {"dagger": ("DAgger", "C0"), "bc": ("BC (teacher-only episodes)", "C1"), "grpo": ("GRPO (outcome only)", "C2")}
-    for m, r in results.items():
-        name, color = styles[m]
-        xs = [p["labels"] for p in r["curve"]]
-        steps = [p["step"] for p in r["curve"]]
-        ys = [p["success"] for p in r["curve"]]
+    seeds = sorted(runs)
+    for m in [m for m in STYLES if any(m in runs[s] for s in seeds)]:
+        name, color = STYLES[m]
+        per_seed = [runs[s][m] for s in seeds if m in runs[s]]
+        for r in per_seed:
+            xs, steps, ys = ([p[k] for p in r["curve"]] for k in ("labels", "step", "success"))
+            if m != "grpo":
+                left.plot(xs, ys, "-", color=color, alpha=0.25, lw=1)
+            right.plot(steps, ys, "-", color=color, alpha=0.25, lw=1)
+        xs, steps, ys = median_curve(per_seed)
+        label = f"{name}, median of {len(per_seed)} seeds"
         if m == "grpo":
-            left.axhline(r["final"]["success"], color=color, ls="--", label=f"{name}: 0 labels, same steps")
+            left.axhline(ys[-1], color=color, ls="--", label=f"{name}: 0 labels, same steps")
         else:
-            left.plot(xs, ys, "o-", color=color, label=name)
-        right.plot(steps, ys, "o-", color=color, label=name)
+            left.plot(xs, ys, "o-", color=color, label=label)
+        right.plot(steps, ys, "o-", color=color, label=label)
     left.set_xlabel("teacher labels collected")
     left.set_ylabel("held-out success (student alone)")
     left.set_title(f"{env}: success vs teacher labels")
@@ -101,79 +142,100 @@ def _draw(plt, results: dict, env: str):
     return fig
 
 
-def summary_line(results: dict) -> str:
-    """The last line: each method's held-out success (nan for a method not run) and DAgger's labels."""
-    succ = {m: results[m]["final"]["success"] if m in results else float("nan") for m in ("dagger", "bc", "grpo")}
-    labels = results.get("dagger", results.get("bc", {})).get("labels", 0)
+def medians(runs: dict) -> dict[str, float]:
+    """Each method's median held-out success over the seeds it ran (nan for a method not run)."""
+    out = {}
+    for m in STYLES:
+        vals = [runs[s][m]["final"]["success"] for s in runs if m in runs[s]]
+        out[m] = statistics.median(vals) if vals else float("nan")
+    return out
+
+
+def summary_line(runs: dict) -> str:
+    """The last line: each method's median held-out success, DAgger's labels (the budget) and the seeds."""
+    succ = medians(runs)
+    any_seed = runs[min(runs)]
+    labels = any_seed.get("dagger", any_seed.get("bc", {})).get("labels", 0)
     return (f"dagger_vs_bc: dagger_success={succ['dagger']:.3f} bc_success={succ['bc']:.3f} "
-            f"grpo_success={succ['grpo']:.3f} labels={labels}")
+            f"grpo_success={succ['grpo']:.3f} labels={labels} seeds={len(runs)}")
 
 
-def report(results: dict, a: argparse.Namespace, wall_s: float) -> None:
-    """Table, curves and the summary line first; then the JSON and the plot (skipped without matplotlib),
-    so a missing plotting library never costs the runs' results."""
-    print(f"{'method':8} {'labels':>7} {'episodes':>8} {'success':>8} {'greedy':>7} {'cpu_s':>7}")
-    for m, r in results.items():
-        f = r["final"]
-        print(f"{m:8} {r['labels']:7d} {r['episodes']:8d} {f['success']:8.3f} {f['success_greedy']:7.3f} "
-              f"{r['cpu_s']:7.1f}")
-    for m, r in results.items():
-        print(f"curve {m}: " + " ".join(f"{p['labels']}:{p['success']:.2f}/{p['success_greedy']:.2f}"
-                                          for p in r["curve"]))
-    print(f"bench wall_s={wall_s:.0f}")
-    print(summary_line(results), flush=True)
+def report(runs: dict, a: argparse.Namespace, wall_s: float) -> None:
+    """Per-seed table and curves, per-seed and median lines, the summary line; then the JSON and the
+    plot (skipped without matplotlib), so a missing plotting library never costs the runs' results.
+
+    ``runs``: ``{seed: {method: result}}``."""
+    print(f"{'method':8} {'seed':>4} {'labels':>7} {'episodes':>8} {'success':>8} {'greedy':>7} {'cpu_s':>7}")
+    for s in sorted(runs):
+        for m, r in runs[s].items():
+            f = r["final"]
+            print(f"{m:8} {s:4d} {r['labels']:7d} {r['episodes']:8d} {f['success']:8.3f} {f['success_greedy']:7.3f} "
+                  f"{r['cpu_s']:7.1f}")
+    for s in sorted(runs):
+        for m, r in runs[s].items():
+            print(f"curve {m} seed {s}: " + " ".join(f"{p['labels']}:{p['success']:.2f}/{p['success_greedy']:.2f}"
+                                                     for p in r["curve"]))
+    for s in sorted(runs):
+        print(f"seed {s}: " + " ".join(f"{m}={r['final']['success']:.3f}" for m, r in runs[s].items()))
+    cpu = sum(r["cpu_s"] for rs in runs.values() for r in rs.values())
+    print(f"bench wall_s={wall_s:.0f} cpu_s={cpu:.0f}")
+    print(summary_line(runs), flush=True)
     if a.json:
         with open(a.json, "w") as fh:
-            json.dump({"args": vars(a), "results": results}, fh, indent=1)
+            json.dump({"args": vars(a), "runs": {str(s): rs for s, rs in runs.items()}}, fh, indent=1)
     if a.plot:
-        save_plot("dagger_vs_bc", a.plot, draw(results, a.env))
+        save_plot("dagger_vs_bc", a.plot, draw(runs, a.env))
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--env", choices=sorted(ENVS), default="guess")
-    p.add_argument("--labels", type=int, default=600, help="teacher-label budget of DAgger and BC")
-    p.add_argument("--steps", type=int, default=300, help="optimizer steps of every method")
+    p.add_argument("--env", choices=sorted(ENVS), default="gridwalk")
+    p.add_argument("--labels", type=int, default=1000, help="teacher-label budget of DAgger and BC")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps of every method")
     p.add_argument("--episodes-per-iter", type=int, default=16)
-    p.add_argument("--steps-per-iter", type=int, default=5)
-    p.add_argument("--decay-iters", type=int, default=10, help="DAgger: iterations for beta 1 -> 0")
+    p.add_argument("--steps-per-iter", type=int, default=20)
+    p.add_argument("--decay-iters", type=int, default=5, help="DAgger: iterations for beta 1 -> 0")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--buffer-size", type=int, default=4096)
     p.add_argument("--grpo-group", type=int, default=8)
-    p.add_argument("--eval-episodes", type=int, default=128)
-    p.add_argument("--eval-every", type=int, default=8, help="collections between held-out evaluations")
+    p.add_argument("--eval-episodes", type=int, default=64)
+    p.add_argument("--eval-every", type=int, default=5, help="collections between held-out evaluations")
+    p.add_argument("--max-turns", type=int, default=0, help="the env's turn limit; 0: the ENVS entry's")
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default="0,1,2", help="model-init and run seeds; the summary is their median")
     p.add_argument("--methods", default="dagger,bc,grpo")
-    p.add_argument("--workers", type=int, default=2, help="methods run in parallel processes")
-    p.add_argument("--plot", default=None, help="where the plot goes (default: docs/dagger_success_vs_labels.png, with _<env> before .png for an env other than guess); '' for none")
+    p.add_argument("--workers", type=int, default=2, help="(method, seed) runs in parallel processes")
+    p.add_argument("--plot", default=None, help="where the plot goes (default: docs/dagger_success_vs_labels_<env>.png; for guess docs/dagger_success_vs_labels.png); '' for none")
     p.add_argument("--json", default="", help="also write the results here")
     p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/relaxrl/models"))
-    p.add_argument("--smoke", action="store_true", help="a few steps of each method in this process, no plot")
+    p.add_argument("--smoke", action="store_true", help="4 steps of each method, 2 seeds, 6-turn episodes, in this process, no plot")
     a = p.parse_args(argv)
     if a.smoke:
         a.steps, a.labels, a.episodes_per_iter, a.steps_per_iter, a.decay_iters = 4, 24, 4, 2, 2
-        a.batch_size, a.grpo_group, a.eval_episodes, a.eval_every, a.workers = 8, 4, 4, 1, 1
-        a.plot = a.plot or ""
-    if a.plot is None:  # one plot per env: the calculator run must not overwrite the guess one
+        a.batch_size, a.grpo_group, a.eval_episodes, a.eval_every, a.workers = 8, 4, 4, 2, 1
+        a.seeds, a.max_turns, a.plot = "0,1", a.max_turns or 6, a.plot or ""  # short episodes: seconds
+    if a.plot is None:  # one plot per env: one env's run must not overwrite another's
         a.plot = "docs/dagger_success_vs_labels" + ("" if a.env == "guess" else f"_{a.env}") + ".png"
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    from relaxrl.models.loading import prepare_tiny_model_dir
-
-    model_dir = prepare_tiny_model_dir(cache_dir=a.cache_dir, model_kwargs={"seed": a.seed}, warm_start_pairs_fn=None,
-                                       warm_start={}, key_extra={"purpose": "dagger_bench"})
+    seeds = [int(x) for x in a.seeds.split(",")]
     methods = a.methods.split(",")
+    unknown = sorted(set(methods) - set(STYLES))
+    if unknown or not seeds:
+        raise SystemExit(f"--methods: unknown {unknown}; valid: {list(STYLES)}" if unknown else "--seeds: none given")
+    dirs = {s: model_dir_for(a, s) for s in seeds}
+    jobs = [(m, s) for s in seeds for m in methods]
     t0 = time.time()
     if a.workers <= 1:  # in this process (the smoke test's)
-        results = {m: run_method(m, a, model_dir) for m in methods}
+        done = {job: run_method(*job, a, dirs[job[1]]) for job in jobs}
     else:
         with ProcessPoolExecutor(max_workers=a.workers) as pool:
-            futures = {m: pool.submit(run_method, m, a, model_dir) for m in methods}
-            results = {m: f.result() for m, f in futures.items()}
-    report(results, a, time.time() - t0)
+            futures = {job: pool.submit(run_method, *job, a, dirs[job[1]]) for job in jobs}
+            done = {job: f.result() for job, f in futures.items()}
+    runs = {s: {m: done[(m, s)] for m in methods} for s in seeds}
+    report(runs, a, time.time() - t0)
 
 
 if __name__ == "__main__":

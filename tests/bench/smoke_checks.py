@@ -121,26 +121,38 @@ def check_role_hops(out: str) -> dict[str, float]:
     return v
 
 
-def dagger_table(out: str) -> dict[str, dict[str, float]]:
+def dagger_table(out: str) -> dict[tuple[str, int], dict[str, float]]:
     rows = {}
     for line in out.splitlines():
         parts = line.split()
-        if len(parts) == 6 and parts[0] in ("dagger", "bc", "grpo"):
-            rows[parts[0]] = dict(zip(("labels", "episodes", "success", "greedy", "cpu_s"), map(float, parts[1:])))
+        if len(parts) == 7 and parts[0] in ("dagger", "bc", "grpo"):
+            rows[(parts[0], int(parts[1]))] = dict(zip(("labels", "episodes", "success", "greedy", "cpu_s"),
+                                                       map(float, parts[2:])))
     return rows
 
 
-def check_dagger_vs_bc(out: str, budget: int = 24, episodes: int = 8, evaluations: int = 3) -> dict[str, float]:
+def check_dagger_vs_bc(out: str, budget: int = 24, seeds: int = 2, per_collection: int = 4, collections: int = 2,
+                       evaluations: int = 2) -> dict[str, float]:
     v = last_line(out, "dagger_vs_bc")
     rows = dagger_table(out)
-    assert set(rows) == {"dagger", "bc", "grpo"}, rows
-    # DAgger and BC spend the same label budget; outcome-only GRPO has no teacher, so no labels.
-    assert rows["dagger"]["labels"] == rows["bc"]["labels"] == v["labels"] == budget, rows
-    assert rows["grpo"]["labels"] == 0, rows
-    assert all(r["episodes"] == episodes for r in rows.values()), rows  # the same collections for each
-    for m in rows:
-        points = line_of(out, f"curve {m}: ").split(": ", 1)[1].split()
-        labels = [int(p.split(":")[0]) for p in points]
-        assert len(points) == evaluations, points  # after each collection, and at the end
-        assert labels == sorted(labels) and labels[-1] == rows[m]["labels"], points  # labels only accumulate
+    methods = ("dagger", "bc", "grpo")
+    assert set(rows) == {(m, s) for m in methods for s in range(seeds)} and v["seeds"] == seeds, rows
+    for s in range(seeds):
+        # DAgger and BC spend the same label budget; outcome-only GRPO has no teacher, so no labels.
+        assert rows[("dagger", s)]["labels"] == rows[("bc", s)]["labels"] == v["labels"] == budget, rows
+        assert rows[("grpo", s)]["labels"] == 0, rows
+        # Whole collections; the labelled methods stop at the budget, GRPO collects every period.
+        assert rows[("grpo", s)]["episodes"] == per_collection * collections, rows
+        for m in ("dagger", "bc"):
+            assert rows[(m, s)]["episodes"] in [per_collection * k for k in range(1, collections + 1)], rows
+        for m in methods:
+            points = line_of(out, f"curve {m} seed {s}: ").split(": ", 1)[1].split()
+            labels = [int(p.split(":")[0]) for p in points]
+            assert len(points) == evaluations, points  # every eval_every collections, and at the end
+            assert labels == sorted(labels) and labels[-1] == rows[(m, s)]["labels"], points  # labels only accumulate
+    # The summary is each method's median over the seeds, not one seed's number.
+    for m in methods:
+        values = sorted(rows[(m, s)]["success"] for s in range(seeds))
+        median = (values[(seeds - 1) // 2] + values[seeds // 2]) / 2
+        assert abs(v[f"{m}_success"] - median) < 1e-3, (m, values, v)
     return v

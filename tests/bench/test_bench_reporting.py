@@ -106,12 +106,14 @@ def test_save_plot_without_matplotlib_prints_the_hint(tmp_path, capsys, monkeypa
 
 
 def dagger_results() -> dict:
+    """Three seeds' runs; the medians are DAgger 0.5 and BC 0.75, neither seed 0's alone."""
     def method(labels, success):
         return {"labels": labels, "episodes": 8, "cpu_s": 1.0,
                 "final": {"success": success, "success_greedy": success},
                 "curve": [{"labels": labels // 2, "step": 2, "success": 0.0, "success_greedy": 0.0},
                           {"labels": labels, "step": 4, "success": success, "success_greedy": success}]}
-    return {"dagger": method(24, 0.5), "bc": method(24, 0.75), "grpo": method(0, 0.0)}
+    return {s: {"dagger": method(24, d), "bc": method(24, b), "grpo": method(0, 0.0)}
+            for s, (d, b) in enumerate([(0.9, 0.7), (0.5, 0.75), (0.1, 0.8)])}
 
 
 def dagger_args(tmp_path):
@@ -131,8 +133,9 @@ def test_dagger_report_prints_the_summary_before_plotting(tmp_path, capsys, monk
     seen = summary_seen_at_plot(monkeypatch, capsys, dagger_vs_bc)
     dagger_vs_bc.report(dagger_results(), dagger_args(tmp_path), wall_s=1.0)
     assert len(seen) == 1, "the plot was not asked for"
-    assert seen[0].strip().splitlines()[-1] == ("dagger_vs_bc: dagger_success=0.500 bc_success=0.750 "
-                                                 "grpo_success=0.000 labels=24")
+    lines = seen[0].strip().splitlines()
+    assert lines[-1] == "dagger_vs_bc: dagger_success=0.500 bc_success=0.750 grpo_success=0.000 labels=24 seeds=3"
+    assert "seed 0: dagger=0.900 bc=0.700 grpo=0.000" in lines  # each seed's numbers printed too
 
 
 def test_dagger_report_without_matplotlib_keeps_its_results(tmp_path, capsys, monkeypatch):

@@ -70,4 +70,4 @@ def test_dagger_vs_bc_smoke(model_cache, capsys):
     import dagger_vs_bc
 
     dagger_vs_bc.main(["--smoke", "--cache-dir", str(model_cache)])
-    check_dagger_vs_bc(output(capsys))  # the smoke run's label budget (24), 2 collections of 4 episodes
+    check_dagger_vs_bc(output(capsys))  # the smoke run: label budget 24, 2 seeds, collections of 4 episodes

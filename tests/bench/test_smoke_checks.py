@@ -67,11 +67,15 @@ REGRESSIONS = [
     ("role_hops", "serve_hop_ms=4.35 weights_hop_ms=7.01 path_floor_ms=17.7 one_loop",
      "serve_hop_ms=0.00 weights_hop_ms=7.01 path_floor_ms=17.7 one_loop"),
     # BC given a different label budget than DAgger.
-    ("dagger_vs_bc", "bc            24", "bc            12"),
+    ("dagger_vs_bc", "bc          0      24", "bc          0      12"),
     # Outcome-only GRPO collected teacher labels.
-    ("dagger_vs_bc", "grpo           0", "grpo          24"),
+    ("dagger_vs_bc", "grpo        0       0", "grpo        0      24"),
     # Labels counted down along a curve.
-    ("dagger_vs_bc", "curve bc: 16:0.00/0.00 24:0.00/0.00 24", "curve bc: 24:0.00/0.00 16:0.00/0.00 24"),
+    ("dagger_vs_bc", "curve bc seed 0: 18:0.00/0.00 24:0.00/0.25", "curve bc seed 0: 24:0.00/0.00 18:0.00/0.25"),
+    # The summary line ignores a seed (seed 1's DAgger success is not in its median).
+    ("dagger_vs_bc", "dagger      1      24        4    0.000", "dagger      1      24        4    0.500"),
+    # A seed lost from the summary's count.
+    ("dagger_vs_bc", "labels=24 seeds=2", "labels=24 seeds=1"),
 ]
 
 
