@@ -35,6 +35,12 @@ def _panel(ax, r: dict, title: str) -> None:
     s = r["scheduler"]
     ax.plot([s["lambda_mean"]], [s["validity"]], "r*", ms=12, label=f"scheduler (mean λ={s['lambda_mean']:.2f})")
     ax.set_xscale("log")
+    from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
+
+    ticks = [t for t in (0.1, 0.2, 0.3, 0.5, 1, 2, 3, 4, 8) if 0.9 * min(lams) <= t <= 1.1 * max(lams)]
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("λ (log scale)")
     ax.set_ylim(0, 1.02)
     ax.set_title(title, fontsize=9)
