@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 
@@ -95,7 +94,7 @@ def clipped_surrogate(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     c: float,
-    reference_logprobs: Optional[torch.Tensor] = None,
+    reference_logprobs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token ``−min(ρ A, clip(ρ, lo, hi) A)``, ``ρ = π/π_behaviour``, and a 0/1 tensor of where the
     clip was binding. Without ``reference_logprobs`` ``[lo, hi] = [1/c, c]``; with them (the base's)

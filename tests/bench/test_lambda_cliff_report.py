@@ -1,6 +1,7 @@
 """bench/lambda_cliff.py's verdicts on made-up sweeps (no runs): the observed cliff interval, whether
 the locked prediction lies in it, and the summary line with the cross-prediction and the clip."""
 
+import itertools
 import math
 
 import lambda_cliff
@@ -30,7 +31,7 @@ def test_fine_grid_resolution_is_a_tenth_of_the_prediction():
     grid = lambda_cliff.make_grid(0.164, [1.0, 4.0])
     fine = [x for x in grid if x < 1.0]
     assert fine == [0.131, 0.148, 0.164, 0.18, 0.197]
-    assert max(b - a for a, b in zip(fine, fine[1:])) <= 0.1 * 0.164 + 1e-3  # rounding to 3 decimals
+    assert max(b - a for a, b in itertools.pairwise(fine)) <= 0.1 * 0.164 + 1e-3  # rounding to 3 decimals
 
 
 def test_summary_line_carries_the_cross_prediction_and_the_clip():
