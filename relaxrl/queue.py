@@ -58,13 +58,12 @@ class _Group:
     samples: dict[int, Sample] = field(default_factory=dict)
     complete: bool = False
     delivered: int = 0  # samples put into it: more than it holds means one can never complete
+    oldest: Optional[int] = None  # its samples' oldest token version (kept by put: it is read per take)
 
     def stuck(self, group_size: int) -> bool:
         """True if this group can never be trained: a put counted more samples than it holds, or it
         is full and neither ready nor dropped."""
         return self.delivered != len(self.samples) or (len(self.samples) == group_size and not self.complete)
-
-    oldest: Optional[int] = None  # its samples' oldest token version (kept by put: it is read per take)
 
     def min_version(self) -> int:
         """Its oldest token's version: what the staleness bound counts."""
@@ -389,8 +388,8 @@ class StalenessQueue:
         for gid in [g for g, grp in self._groups.items() if grp.complete]:
             if v - self._groups[gid].min_version() > self.max_staleness:
                 self._drop(gid, "stale")
-        # Weights newer than the queue's version may already generate (admitted ahead), never
-        # newer than this step's: a level past that horizon is not handed out now.
+        # No group due after the horizon is handed out: past it, only admission's bound keeps the
+        # deadlines of what is in flight and still to come feasible (``_feasible``).
         horizon = max(v + 1, self.version + self.max_staleness)
         ready = sorted((g.level, g.min_version(), g.seq, gid) for gid, g in self._groups.items()
                        if g.complete and g.level + self.max_staleness <= horizon)
