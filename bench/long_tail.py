@@ -202,34 +202,45 @@ def measure(args: argparse.Namespace, model_dir: str) -> dict:
         batch_engine, stream_engine = hf_paths(model_dir, args.group_size, args.temperature, args.chunk_tokens)
     warm = tasks[: min(2, len(tasks))]
 
-    eng, batch = batch_engine()
+    def params(t: Task) -> SamplingParams:
+        return SamplingParams(args.temperature, 1.0, t.max_new_tokens, t.seed)
+
+    # Both engines up at once and the two paths run in turns, ``--repeats`` times: the machine's
+    # speed drifts within minutes, and a ratio of runs far apart measures the drift.
+    b_eng, batch = batch_engine()
+    s_eng = stream_engine()
     try:
         batch(warm)  # first-call costs are not throughput
-        path = BatchPath(batch, args.clients)
-        b_wall, b_lengths = asyncio.run(closed_loop(path.run, tasks, args.clients))
-    finally:
-        close(eng)
-
-    eng = stream_engine()
-    try:
-        def params(t: Task) -> SamplingParams:
-            return SamplingParams(args.temperature, 1.0, t.max_new_tokens, t.seed)
-
-        eng.generate([t.prompt for t in warm], params(warm[0]))
+        s_eng.generate([t.prompt for t in warm], params(warm[0]))
 
         async def run_group(t: Task) -> list[int]:
-            gens = await eng.agenerate([t.prompt] * args.group_size, params(t))
+            gens = await s_eng.agenerate([t.prompt] * args.group_size, params(t))
             return [len(g.response_ids) for g in gens]
 
-        s_wall, s_lengths = asyncio.run(closed_loop(run_group, tasks, args.clients))
+        rounds = []
+        for r in range(args.repeats):
+            path = BatchPath(batch, args.clients)
+            if r % 2:  # odd repeats streaming first: a drift within a repeat favours neither path
+                s_wall, s_lengths = asyncio.run(closed_loop(run_group, tasks, args.clients))
+            b_wall, b_lengths = asyncio.run(closed_loop(path.run, tasks, args.clients))
+            if not r % 2:
+                s_wall, s_lengths = asyncio.run(closed_loop(run_group, tasks, args.clients))
+            rounds.append((b_wall, b_lengths, s_wall, s_lengths))
+            print(f"repeat {r}: batch-synchronous {sum(b_lengths)} tokens in {b_wall:.2f} s ({path.calls} generate "
+                  f"calls), streaming {sum(s_lengths)} tokens in {s_wall:.2f} s: ratio "
+                  f"{(sum(s_lengths) / s_wall) / (sum(b_lengths) / b_wall):.2f}")
     finally:
-        close(eng)
+        close(b_eng)
+        close(s_eng)
+    # The median repeat by ratio: its own batch and streaming figures.
+    rounds.sort(key=lambda x: (sum(x[3]) / x[2]) / (sum(x[1]) / x[0]))
+    b_wall, b_lengths, s_wall, s_lengths = rounds[len(rounds) // 2]
     b_tps, s_tps = sum(b_lengths) / b_wall, sum(s_lengths) / s_wall
     long_share = sum(t.max_new_tokens > args.short for t in tasks) / len(tasks)
     print(f"tasks: {len(tasks)} groups x {args.group_size}, {long_share:.0%} long ({args.short * args.long_factor} "
           f"vs {args.short} tokens), {args.clients} groups in flight, engine={args.engine}")
-    print(f"batch-synchronous: {sum(b_lengths)} tokens in {b_wall:.2f} s, {path.calls} generate calls")
-    print(f"streaming:         {sum(s_lengths)} tokens in {s_wall:.2f} s")
+    print(f"median repeat of {len(rounds)}: batch-synchronous {sum(b_lengths)} tokens in {b_wall:.2f} s, "
+          f"streaming {sum(s_lengths)} tokens in {s_wall:.2f} s")
     return {"batch_tokens_per_s": b_tps, "stream_tokens_per_s": s_tps, "ratio": s_tps / b_tps,
             "ks_p": ks_pvalue(b_lengths, s_lengths)}
 
@@ -256,22 +267,23 @@ def e2e(args: argparse.Namespace, extra: list[str]) -> dict[tuple[str, int], flo
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--engine", choices=("vllm", "hf"), default="vllm")
-    p.add_argument("--groups", type=int, default=96)
+    p.add_argument("--groups", type=int, default=192)
     p.add_argument("--group-size", type=int, default=4)
-    p.add_argument("--clients", type=int, default=8, help="groups in flight (and the most one batch call holds)")
+    p.add_argument("--clients", type=int, default=16, help="groups in flight (and the most one batch call holds)")
     p.add_argument("--short", type=int, default=16, help="tokens of a short answer")
     p.add_argument("--long-factor", type=int, default=8)
     p.add_argument("--long-frac", type=float, default=0.1)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--chunk-tokens", type=int, default=16, help="hf streaming: tokens per chunk")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=3, help="batch and streaming runs in turns; the median repeat")
     p.add_argument("--model-dir", default=None, help="default: the tiny model, built offline")
     p.add_argument("--e2e-steps", type=int, default=0, help="also run the real system this many steps (0: skip)")
     p.add_argument("--smoke", action="store_true", help="seconds: HF, a few groups")
     args, extra = p.parse_known_args(argv)
     if args.smoke:
         args.engine, args.groups, args.group_size, args.clients, args.short, args.long_frac = "hf", 12, 2, 4, 4, 0.25
-        args.chunk_tokens = 4
+        args.chunk_tokens, args.repeats = 4, 1
     model_dir = args.model_dir or tiny_model_dir()
     res = measure(args, model_dir)
     if args.e2e_steps:

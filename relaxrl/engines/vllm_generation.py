@@ -64,8 +64,9 @@ def to_generation(
     return Generation(response_ids=ids, logprobs=lps, finish_reason="stop" if stopped else "length")
 
 
-def vllm_sampling(params: SamplingParams, n: int, eos_ids: Sequence[int], *, delta: bool = False) -> list:
-    """One vLLM ``SamplingParams`` per request (each its own seed); ``delta``: stream new tokens only."""
+def vllm_sampling(params: SamplingParams, n: int, eos_ids: Sequence[int], *, final_only: bool = False) -> list:
+    """One vLLM ``SamplingParams`` per request (each its own seed); ``final_only``: an async request
+    yields once, when it ends (no per-step output to process in Python)."""
     from vllm import SamplingParams as VSamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -77,7 +78,7 @@ def vllm_sampling(params: SamplingParams, n: int, eos_ids: Sequence[int], *, del
     if params.max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {params.max_new_tokens}")
     greedy = params.temperature <= 0
-    kind = RequestOutputKind.DELTA if delta else RequestOutputKind.CUMULATIVE  # CUMULATIVE: vLLM's default
+    kind = RequestOutputKind.FINAL_ONLY if final_only else RequestOutputKind.CUMULATIVE  # CUMULATIVE: vLLM's default
     return [
         VSamplingParams(
             n=1,
@@ -326,7 +327,9 @@ class StreamingVLLMEngine:
     """``StreamingGenerationEngine`` on vLLM's ``AsyncLLM`` (continuous batching, in-flight updates).
 
     Every request streams on its own: it joins the engine's running batch as soon as it arrives and
-    returns when its own response ends, never waiting for another request's longer one. The
+    returns when its own response ends, never waiting for another request's longer one (each
+    request yields once, at its end: ``RequestOutputKind.FINAL_ONLY``, so no Python runs per
+    engine step and request). The
     ``AsyncLLM`` lives on an event loop of its own, in a thread, so ``agenerate`` can be awaited
     from any loop (the Serve replica's) and ``generate``/``load_weights`` called from plain code.
 
@@ -385,7 +388,7 @@ class StreamingVLLMEngine:
         self.loads = 0
         self.load_bytes = 0  # weight bytes handed to the engine core, all versions
         self.last_load: dict[str, float] = {}
-        self.tokens_streamed = 0  # response tokens received so far, all requests (progress, for tests)
+        self.tokens_streamed = 0  # response tokens of the requests finished so far
         self._next_id = 0
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="vllm-async-engine")
@@ -428,28 +431,22 @@ class StreamingVLLMEngine:
             return []
         if any(len(p) == 0 for p in prompts):
             raise ValueError("generate() needs non-empty prompts")
-        sampling = vllm_sampling(params, len(prompts), self.eos_ids, delta=True)
+        sampling = vllm_sampling(params, len(prompts), self.eos_ids, final_only=True)
         return list(await asyncio.gather(*(self._one(p, sp) for p, sp in zip(prompts, sampling))))
 
     async def _one(self, prompt: Sequence[int], sampling) -> Generation:
+        """One request: it runs in the engine's batch on its own and yields once, when it ends."""
         self._next_id += 1
         rid = f"relaxrl-{self._next_id}"
         start_version = self.version
-        ids: list[int] = []
-        lps: list[float] = []
-        spans, reason = None, None
+        last = None
         async for out in self.llm.generate({"prompt_token_ids": [int(t) for t in prompt]}, sampling, rid):
-            c = out.outputs[0]
-            new = [int(t) for t in c.token_ids]
-            if c.logprobs is None or len(c.logprobs) < len(new):
-                raise RuntimeError(f"vLLM returned {0 if c.logprobs is None else len(c.logprobs)} log-probs "
-                                   f"for {len(new)} tokens")
-            ids += new
-            lps += [float(step[t].logprob) for t, step in zip(new, c.logprobs)]
-            self.tokens_streamed += len(new)
-            spans, reason = c.weight_versions or spans, c.finish_reason or reason
-        gen = to_generation(ids, [{t: _Lp(lp)} for t, lp in zip(ids, lps)], self.eos_ids, reason or "length")
-        gen.token_versions = spans_to_versions(spans, len(ids), start_version)
+            last = out.outputs[0]
+        if last is None:
+            raise RuntimeError(f"vLLM request {rid} ended without an output")
+        gen = to_generation(last.token_ids, last.logprobs, self.eos_ids, last.finish_reason or "length")
+        gen.token_versions = spans_to_versions(last.weight_versions, len(gen.response_ids), start_version)
+        self.tokens_streamed += len(gen.response_ids)
         return gen
 
     # ------------------------------------------------------------------ weights
@@ -513,11 +510,3 @@ class StreamingVLLMEngine:
         self._thread.join(timeout=10)
         gc.collect()
 
-
-class _Lp:
-    """The one field of vLLM's ``Logprob`` that ``to_generation`` reads."""
-
-    __slots__ = ("logprob",)
-
-    def __init__(self, logprob: float) -> None:
-        self.logprob = logprob

@@ -65,13 +65,14 @@ def test_weight_update_lands_while_requests_are_in_flight(engine, base_model, ot
     requests go on, and every token after it has the new policy's log-prob (the KV of the tokens
     before it is recomputed, so the whole context is scored by the new weights)."""
     base_v = engine.version
-    params = SamplingParams(temperature=1.0, max_new_tokens=120, seed=9)
+    params = SamplingParams(temperature=1.0, max_new_tokens=400, seed=9)
     out: list = []
     streaming = threading.Thread(target=lambda: out.extend(engine.generate(prompts[:8], params)))
-    before = engine.tokens_streamed
     streaming.start()
-    while engine.tokens_streamed < before + 8 * 10 and streaming.is_alive():  # every request under way
-        time.sleep(0.002)
+    time.sleep(0.01)
+    # A short request joins the running batch after the long ones; when it ends, each of them
+    # (scheduled first) has sampled tokens too, and they are still far from their 400.
+    engine.generate([prompts[9]], SamplingParams(temperature=1.0, max_new_tokens=4, seed=1))
     assert streaming.is_alive(), "the requests finished before the update could land"
     new_v = base_v + 1
     engine.load_weights(pack_weights(other_model.state_dict(), version=new_v, kind="full"))
