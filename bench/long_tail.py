@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import math
 import os
 import random
 import sys
@@ -58,23 +57,10 @@ def make_tasks(n: int, prompts: list[list[int]], *, short: int, long_factor: int
 
 
 def ks_pvalue(a: list[int], b: list[int]) -> float:
-    """Two-sample Kolmogorov-Smirnov test, asymptotic p-value (no scipy needed)."""
-    if not a or not b:
-        return float("nan")
-    xs, ys = sorted(a), sorted(b)
-    d, i, j = 0.0, 0, 0
-    for v in sorted(set(xs) | set(ys)):
-        while i < len(xs) and xs[i] <= v:
-            i += 1
-        while j < len(ys) and ys[j] <= v:
-            j += 1
-        d = max(d, abs(i / len(xs) - j / len(ys)))
-    en = math.sqrt(len(xs) * len(ys) / (len(xs) + len(ys)))
-    lam = (en + 0.12 + 0.11 / en) * d
-    if lam < 1e-3:
-        return 1.0
-    p = 2 * sum((-1) ** (k - 1) * math.exp(-2 * k * k * lam * lam) for k in range(1, 101))
-    return max(0.0, min(1.0, p))
+    """Two-sample Kolmogorov-Smirnov p-value (``relaxrl.ks``, no SciPy)."""
+    from relaxrl.ks import ks_2samp
+
+    return ks_2samp(a, b)[1] if a and b else float("nan")
 
 
 # ------------------------------------------------------------------ the two rollout paths
