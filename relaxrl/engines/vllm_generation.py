@@ -168,6 +168,16 @@ def _worker_receive_weights(self, plan) -> int:
     return len(loaded or ())
 
 
+def checked_options(dtype: str, options: "VLLMOptions | dict | None") -> VLLMOptions:
+    """The engine options, with the dtype and the parallel size both engines accept checked."""
+    if dtype not in _DTYPES and dtype != "auto":
+        raise ValueError(f"unknown dtype {dtype!r}; valid: {list(_DTYPES) + ['auto']}")
+    opts = VLLMOptions(**options) if isinstance(options, dict) else (options or VLLMOptions())
+    if opts.tensor_parallel_size < 1:
+        raise ValueError(f"vllm.tensor_parallel_size must be >= 1, got {opts.tensor_parallel_size}")
+    return opts
+
+
 class VLLMGenerationEngine:
     """Implements ``GenerationEngine`` on ``vllm.LLM`` (offline batched generation)."""
 
@@ -181,11 +191,7 @@ class VLLMGenerationEngine:
         seed: int = 0,
         work_dir: Optional[str] = None,
     ) -> None:
-        if dtype not in _DTYPES and dtype != "auto":
-            raise ValueError(f"unknown dtype {dtype!r}; valid: {list(_DTYPES) + ['auto']}")
-        opts = VLLMOptions(**options) if isinstance(options, dict) else (options or VLLMOptions())
-        if opts.tensor_parallel_size < 1:
-            raise ValueError(f"vllm.tensor_parallel_size must be >= 1, got {opts.tensor_parallel_size}")
+        opts = checked_options(dtype, options)
         self.options = opts
         # Callables sent to workers (weight loads) need this; set before vLLM reads its env.
         os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
@@ -358,11 +364,7 @@ class StreamingVLLMEngine:
         import asyncio
         import threading
 
-        if dtype not in _DTYPES and dtype != "auto":
-            raise ValueError(f"unknown dtype {dtype!r}; valid: {list(_DTYPES) + ['auto']}")
-        opts = VLLMOptions(**options) if isinstance(options, dict) else (options or VLLMOptions())
-        if opts.tensor_parallel_size < 1:
-            raise ValueError(f"vllm.tensor_parallel_size must be >= 1, got {opts.tensor_parallel_size}")
+        opts = checked_options(dtype, options)
         if lora is not None and lora.enabled:
             # A request carries its adapter from the start; swapping it under a running request is
             # not something vLLM's LoRA manager does, so LoRA runs keep the batch-synchronous engine.
