@@ -206,6 +206,7 @@ def start_roles(cfg: DictConfig, model_dir: str, required_fields: tuple[str, ...
 
     ``multi_turn``: the rollout is the episode rollout (whole episodes, token-in/token-out) and
     there is no reward role (the env's steps reward the episode); the rest is the same."""
+    from relaxrl.faults import replica_options
     from relaxrl.services.actor import Actor
     from relaxrl.services.broadcast_sync import SyncCoordinator, sync_settings
     from relaxrl.services.reward import Reward
@@ -240,7 +241,7 @@ def start_roles(cfg: DictConfig, model_dir: str, required_fields: tuple[str, ...
         extra.append(ray.remote(SyncCoordinator).options(name=sync["coordinator"], namespace=ns, num_cpus=0)
                      .remote(sync["world_size"]))
     # Serve restarts a replica whose check_health fails: a dead one, or one hung past hang_timeout_s.
-    health = {"health_check_period_s": f.health_check_period_s, "health_check_timeout_s": f.health_check_timeout_s}
+    health = replica_options(f)  # health checks, and a short drain at the run's end
     apps = {} if multi_turn else {
         "rollout": Rollout.options(num_replicas=r.num_replicas, **rollout_options(r), **health).bind(
             model_dir,

@@ -232,12 +232,14 @@ def _without_reward(route: Optional[Route], tasks: Optional[dict[str, Task]]) ->
 def agent_rollout_app(cfg: Any, model_dir: str, run_id: str, policy: Any) -> Any:
     """The run's rollout application with ``agent.target`` set: this deployment (one replica, the
     HTTP ingress at ``route_prefix(run_id)``) in front of ``policy``, the bound ``Rollout``."""
+    from relaxrl.faults import replica_options
     from relaxrl.launch import plain
 
     a, ray_cfg = cfg.agent, cfg.ray
     arch_len = _max_model_len(model_dir)
     host = f"[{ray_cfg.host}]" if ":" in str(ray_cfg.host) else ray_cfg.host  # an IPv6 address in a URL
-    return AgentRollout.options(num_replicas=1, ray_actor_options={"num_cpus": a.num_cpus}).bind(
+    return AgentRollout.options(num_replicas=1, ray_actor_options={"num_cpus": a.num_cpus},
+                                **replica_options(cfg.faults)).bind(
         policy, model_dir, agent=plain(a), env=plain(cfg.env),
         sampling={"temperature": cfg.rollout.temperature, "top_p": cfg.rollout.top_p,
                   "max_new_tokens": cfg.rollout.max_new_tokens},

@@ -144,3 +144,13 @@ def test_weight_sync_failure_never_deadlocks(ray_local):
         assert time.monotonic() - t0 < 30
     finally:
         ray.kill(store)
+
+
+def test_every_role_drains_in_short_polls_and_keeps_the_health_checks():
+    """Serve's default 2 s poll before an idle replica exits delayed every run's end by ~2 s."""
+    from relaxrl.faults import DRAIN_POLL_S, FaultConfig, replica_options
+
+    opts = replica_options(FaultConfig(health_check_period_s=3.0, health_check_timeout_s=7.0))
+    assert opts == {"health_check_period_s": 3.0, "health_check_timeout_s": 7.0,
+                    "graceful_shutdown_wait_loop_s": DRAIN_POLL_S}
+    assert DRAIN_POLL_S < 2.0
