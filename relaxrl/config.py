@@ -135,6 +135,11 @@ class RolloutConfig:
     # engine steps (docs/engines.md). Off: Serve batches requests into one generate call each.
     streaming: bool = False
     stream_chunk_tokens: int = 16  # streaming with engine=hf: tokens per chunk (weights change between chunks)
+    # A weight update landing on a streaming generation (relaxrl/partial.py): continue (its tokens keep
+    # their versions; aborted only past its staleness deadline) or abort (generated again from its
+    # prompt under the new weights). continue is the default: abort rejects exactly the generations
+    # that span an update, so long responses more often (a length bias, tests/reliability).
+    partial: str = "continue"
 
 
 @dataclass

@@ -97,6 +97,13 @@ def fill_from_rollout(cfg: DictConfig) -> None:
         alg.loss_agg_len = int(cfg.rollout.max_new_tokens)
 
 
+def check_rollout(cfg: DictConfig) -> None:
+    """Rollout settings the replicas read, refused before anything starts rather than in a replica."""
+    from relaxrl.partial import check_mode
+
+    check_mode(cfg.rollout.partial)
+
+
 def check_trainer(cfg: DictConfig) -> None:
     """Trainer settings only the embedded engine implements, refused before anything starts."""
     tr = cfg.trainer

@@ -259,6 +259,7 @@ def start_roles(cfg: DictConfig, model_dir: str, required_fields: tuple[str, ...
             vllm=plain(r.vllm),
             seed=cfg.seed,
             streaming=r.streaming,
+            partial=r.partial,
             stream_chunk_tokens=r.stream_chunk_tokens,
             max_staleness=r.max_staleness,
             weight_sync=sync,

@@ -52,14 +52,15 @@ class StepHooks:
 def run_experiment(cfg: DictConfig, on_step=None) -> dict:
     """Run one experiment end to end and return its summary (``on_step``: see ``driver.StepHook``)."""
     from relaxrl.config import Config
-    from relaxrl.config_check import (check_known_keys, check_model_dir, check_trainer, fill_from_rollout,
-                                      prompt_template_of)
+    from relaxrl.config_check import (check_known_keys, check_model_dir, check_rollout, check_trainer,
+                                      fill_from_rollout, prompt_template_of)
     from relaxrl.envs.registry import make_env
     from relaxrl.evaluation import check_heldout
 
     check_known_keys(cfg, Config)  # a key added with '+' that nothing reads is an error, not a no-op
     fill_from_rollout(cfg)  # algorithm.loss_agg_len=0: rollout.max_new_tokens (Dr.GRPO's constant)
     check_trainer(cfg)
+    check_rollout(cfg)
     # What the roles could not load (model directory, tokenizer, chat template or env.prompt_template,
     # the env: its dataset file and fields, a user's env class) fails here, before the imports of Ray
     # and the engines below: in seconds, with one error, instead of minutes later in a replica's log.

@@ -166,3 +166,12 @@ def test_cli_refuses_a_base_model_without_prompt_template_before_ray(bare_model_
     assert out.count("no chat template; set env.prompt_template") == 1, out[-3000:]
     assert "starting Ray" not in out  # refused before Ray (and every role) started
     print(f"refused in {wall:.1f} s wall, {cpu:.1f} s CPU")  # wall = CPU on an idle machine
+
+
+def test_rollout_partial_mode_is_checked_before_any_role_starts():
+    from relaxrl.config_check import check_rollout
+
+    check_rollout(compose_cfg("+experiment=quickstart", "rollout.partial=abort"))
+    assert compose_cfg("+experiment=quickstart").rollout.partial == "continue"
+    with pytest.raises(ValueError, match=r"rollout.partial='drop': expected one of \('continue', 'abort'\)"):
+        check_rollout(compose_cfg("+experiment=quickstart", "rollout.partial=drop"))
