@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_module
 from relaxrl.pipeline.registry import CheckpointRegistry
 from relaxrl.pipeline.runner import run_pipeline
 
-pytestmark = [pytest.mark.ray]
+pytestmark = [pytest.mark.ray, pytest.mark.e2e]
 
 FAST = [
     "+experiment=mopd_toy", "logger.progress=false", "model.warm_start.steps=50",
