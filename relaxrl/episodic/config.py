@@ -27,8 +27,18 @@ class CalculatorEnvConfig:
     max_action_tokens: int = 14
 
 
+@dataclass
+class GridwalkEnvConfig:
+    name: str = "gridwalk"
+    size: int = 6  # size x size cells, a0 top left
+    slip: float = 0.3  # probability a move goes another way (what pushes a student off the expert's path)
+    max_turns: int = 20
+    max_action_tokens: int = 2
+
+
 def register_episodic_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(group="algorithm", name="dagger_schema", node=DAggerConfig)
     cs.store(group="env", name="guess_schema", node=GuessEnvConfig)
     cs.store(group="env", name="calculator_schema", node=CalculatorEnvConfig)
+    cs.store(group="env", name="gridwalk_schema", node=GridwalkEnvConfig)

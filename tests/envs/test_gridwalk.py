@@ -150,3 +150,16 @@ def test_registry_builds_it_and_expert_episodes_make_one_letter_labels():
 def test_bad_config_is_refused_by_name(kwargs, match):
     with pytest.raises(ValueError, match=match):
         GridWalkEnv(**kwargs)
+
+
+def test_env_gridwalk_is_selectable_from_the_command_line_and_typed():
+    from hydra import compose, initialize_config_module
+    from hydra.errors import ConfigCompositionException
+    from omegaconf import OmegaConf
+
+    with initialize_config_module(config_module="relaxrl.conf", version_base=None):
+        cfg = compose(config_name="config", overrides=["env=gridwalk", "algorithm=dagger", "env.slip=0.1"])
+        with pytest.raises(ConfigCompositionException):
+            compose(config_name="config", overrides=["env=gridwalk", "env.slipp=0.1"])
+    env = make_env(**OmegaConf.to_container(cfg.env, resolve=True))
+    assert (env.name, env.size, env.slip, env.max_turns) == ("gridwalk", 6, 0.1, 20)
