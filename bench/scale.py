@@ -127,11 +127,6 @@ def run_isolated(path: str, smoke: bool) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def pad_fraction(lengths: list[int]) -> float:
-    """Padded share of the token slots when every row is padded to the widest."""
-    return 1.0 - sum(lengths) / (len(lengths) * max(lengths))
-
-
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="a small shape, seconds")
@@ -150,6 +145,9 @@ def main(argv: list[str] | None = None) -> dict:
     gb = 1024**3
     grad_diff = max(abs(a - b) for a, b in zip(lean["grad"], naive["grad"]))
     logits_gb = shape["rows"] * (shape["width"] - 1) * shape["vocab"] * 4 / gb
+    from relaxrl.engines.microbatch import padded_share
+
+    lengths = row_lengths(shape)
     result = {
         "params": lean["params"],
         "peak_train_gb": lean["rise_bytes"] / gb,
@@ -157,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
         "mem_ratio": lean["rise_bytes"] / max(naive["rise_bytes"], 1),
         "loss_diff": abs(lean["loss"] - naive["loss"]),
         "grad_diff": grad_diff,
-        "pad_frac": pad_fraction(row_lengths(shape)),
+        "pad_frac": padded_share(lengths, [range(len(lengths))]),  # one micro-batch, padded to its widest row
     }
     print(f"micro-batch {shape['rows']} x {shape['width']} tokens, vocab {shape['vocab']:,}, hidden "
           f"{shape['hidden']}, {shape['layers']} layers ({result['params'] / 1e6:.1f}M params); fp32 logits of "

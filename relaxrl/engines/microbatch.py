@@ -97,7 +97,11 @@ def take_rows(batch: TensorBatch, rows: Sequence[int], width: Optional[int] = No
 
 def pad_fraction(batch: TensorBatch, plans: Sequence[Sequence[int]]) -> float:
     """Padded share of the token slots the micro-batches of ``plans`` compute on."""
-    lengths = row_lengths(batch)
+    return padded_share(row_lengths(batch), plans)
+
+
+def padded_share(lengths: Sequence[int], plans: Sequence[Sequence[int]]) -> float:
+    """``pad_fraction`` on row lengths: each micro-batch (row indices) padded to its widest row."""
     slots = sum(len(p) * max(lengths[i] for i in p) for p in plans if p)
     return 1.0 - sum(lengths[i] for p in plans for i in p) / max(slots, 1)
 
