@@ -90,6 +90,9 @@ class RunResult:
     published: Any = None  # relaxrl.weights.Published of the last weight version
     trainer_restarts: int = 0  # lost trainers restored in this run from its newest checkpoint
     restored_from: list[str] = field(default_factory=list)  # the checkpoint of each such restore
+    # Groups the checkpoint resumed from holds a partial rollout of: the produce loops take each from
+    # the queue when it is re-issued and send it with its request, to be continued (relaxrl.partial).
+    resume_partials: set[str] = field(default_factory=set)
 
     def summary(self) -> dict:
         first, last = first_last_mean(self.rewards)
@@ -119,6 +122,9 @@ class RunResult:
             "retried_by_reason": self.queue.get("retried_by_reason", {}),
             # Generations aborted by a weight update and re-queued with their prompt (relaxrl.partial).
             "partial_aborted": self.queue.get("partial_aborted", 0),
+            # A resumed run's recorded partial rollouts: continued from their tokens, or generated again.
+            "partials_continued": self.queue.get("partials_continued", 0),
+            "partials_discarded": self.queue.get("partials_discarded", 0),
             "accounting": {k: self.queue.get(k) for k in ACCOUNTING_KEYS},
             "resumed_from": self.resumed_from,
             "trainer_restarts": self.trainer_restarts,
@@ -192,8 +198,12 @@ async def produce(roles: Roles, tasks: TaskStream, cfg: DictConfig, prompt_ids: 
             by_group[gid] = task
         if not requests:
             continue
+        partials = None
+        if stats.resume_partials and (kept := [gid for gid in by_group if gid in stats.resume_partials]):
+            stats.resume_partials.difference_update(kept)
+            partials = await roles.queue.take_partials.remote(kept)
         try:
-            await run_request(roles, requests, by_group, cfg.faults, clock)
+            await run_request(roles, requests, by_group, cfg.faults, clock, partials)
         except Exception as e:  # a failed role call drops the request's groups, counted; never silently
             stats.producer_errors += 1
             log.warning("groups %s failed: %s", list(by_group), e)
@@ -201,7 +211,7 @@ async def produce(roles: Roles, tasks: TaskStream, cfg: DictConfig, prompt_ids: 
 
 
 async def run_request(roles: Roles, requests: list[GroupRequest], tasks: dict[str, Task], faults: Any,
-                      clock: Optional[VersionClock] = None) -> None:
+                      clock: Optional[VersionClock] = None, partials: Optional[dict[str, dict]] = None) -> None:
     """generate → reward → (teacher) → queue for one request's groups. A chain lost to a dead or
     hung replica (or slower than ``faults.role_timeout_s``, counted from when the weights it waits
     for exist) is sent again with the same requests and seeds (Serve routes it to a live or
@@ -209,12 +219,13 @@ async def run_request(roles: Roles, requests: list[GroupRequest], tasks: dict[st
     carries the attempt number: a retry whose earlier attempt reached the queue after all (its
     answer lost, or timed out just after) has its samples ignored there, so none is queued twice.
     A chain still waiting for weights when the run ends is called off: its groups stay in flight
-    (counted, and generated again by a resumed run)."""
+    (counted, and generated again by a resumed run). ``partials``: a resumed run's recorded partial
+    rollouts of some of these groups, sent with every attempt (the rollout continues them)."""
     need = max(r.min_version for r in requests)
     for attempt in range(faults.max_retries + 1):
         try:
-            return await _timed_from(_chain_to_queue(roles, requests, tasks, attempt), faults.role_timeout_s, clock,
-                                     need)
+            return await _timed_from(_chain_to_queue(roles, requests, tasks, attempt, partials), faults.role_timeout_s,
+                                     clock, need)
         except Exception as e:
             if attempt == faults.max_retries or not is_retryable(e):
                 raise
@@ -243,10 +254,12 @@ async def _timed_from(chain: Awaitable, timeout_s: float, clock: Optional[Versio
         task.cancel()  # a no-op once done; stops the chain if this call is cancelled
 
 
-async def _chain_to_queue(roles: Roles, requests: list[GroupRequest], tasks: dict[str, Task], attempt: int) -> None:
+async def _chain_to_queue(roles: Roles, requests: list[GroupRequest], tasks: dict[str, Task], attempt: int,
+                          partials: Optional[dict[str, dict]] = None) -> None:
     # One call: the rollout hands its samples to the reward role, which hands them on (teacher
     # calls, then the queue's put) along the route; nothing passes through here (relaxrl/services/chain.py).
-    response = roles.rollout.generate.remote(requests, route=route_for(roles, requests, tasks, attempt))
+    extra = {"partials": partials} if partials else {}  # only the streaming rollout takes them
+    response = roles.rollout.generate.remote(requests, route=route_for(roles, requests, tasks, attempt), **extra)
     try:
         await response
     except asyncio.CancelledError:  # timed out or called off: Serve stops the chain where it is
@@ -341,12 +354,19 @@ def log_trained(run_dir: str, step: int, version: int, trained: list) -> None:
         f.write(json.dumps({"step": step, "version": version, "samples": trained}) + "\n")
 
 
+# How long a checkpoint waits for the rollout replicas' partial rollouts: one that has not answered
+# by then only costs its groups' kept tokens (a resumed run generates them again).
+PARTIALS_TIMEOUT_S = 10.0
+
+
 async def save_checkpoint(roles: Roles, cfg: DictConfig, stats: RunResult, name: str) -> str:
     """Trainer state, queue accounting and data position at one step, checked and complete or absent."""
     final = os.path.join(cfg.run_dir, "checkpoints", name)
     tmp = checkpoint.partial_dir(final)
     await roles.actor.save_checkpoint.remote(tmp)
     ledger = await roles.actor.ledger.remote()
+    if cfg.rollout.streaming:  # the rollout replicas record their partial rollouts in flight first
+        await roles.queue.collect_partials.remote(PARTIALS_TIMEOUT_S)
     snap = await roles.queue.snapshot.remote()  # raises if the accounting identity is broken
     if ledger["trained_count"] != snap["consumed_samples"] or ledger["distinct_uids"] != ledger["trained_count"]:
         raise QueueError(f"accounting broken at {name}: actor {ledger}, queue handed out {snap['consumed_samples']}")
@@ -366,8 +386,10 @@ async def restore(roles: Roles, cfg: DictConfig, env: Any, path: str, stats: Run
     stats.start_version = version
     stats.rewards = list(meta["rewards"])
     stats.resumed_from = path
-    log.warning("resumed from %s at step %d (version %d); %d groups in flight are generated again",
-                path, stats.steps, version, len(meta["queue"]["in_flight"]))
+    stats.resume_partials = set(checkpoint.partial_rollouts(meta))
+    log.warning("resumed from %s at step %d (version %d); %d groups in flight are generated again (%d continued "
+                "from their partial rollouts)", path, stats.steps, version, len(meta["queue"]["in_flight"]),
+                len(stats.resume_partials))
     return TaskStream(env, cfg.seed, start=meta["queue"]["admitted"], keep=tuple(meta["queue"]["in_flight"]))
 
 
@@ -412,6 +434,7 @@ async def restore_lost_trainer(roles: Roles, cfg: DictConfig, env: Any, path: st
     stats.start_step = stats.steps = int(meta["step"])
     stats.start_version = version
     stats.rewards = list(meta["rewards"])
+    stats.resume_partials = set(checkpoint.partial_rollouts(meta))
     stats.trainer_restarts += 1
     stats.restored_from.append(path)
     log.warning("trainer restored from %s at step %d (version %d): the %d steps trained since are lost and trained "

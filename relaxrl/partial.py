@@ -199,3 +199,46 @@ class PartialGroup:
         if len(set(indices)) != len(indices):
             raise ValueError(f"partial group {g.group_id}: response indices repeat: {indices}")
         return g
+
+
+# --- continuing a recorded partial rollout (a resumed run) -----------------------------------------
+
+def continuation(kept: PartialResponse, prompt_ids: Sequence[int], max_new_tokens: int) -> Optional[tuple[list[int], int]]:
+    """What generating the rest of ``kept`` asks of an engine: the prompt (the group's prompt, then
+    the kept response tokens) and the new tokens still allowed; None if nothing is left to
+    generate (it finished, or it reached ``max_new_tokens``: then ``finished`` says how)."""
+    kept.validate()
+    if len(kept.response_ids) > max_new_tokens:
+        raise ValueError(f"response {kept.index}: {len(kept.response_ids)} kept tokens exceed max_new_tokens="
+                         f"{max_new_tokens}")
+    left = max_new_tokens - len(kept.response_ids)
+    if kept.done or left == 0:
+        return None
+    return [int(t) for t in prompt_ids] + list(kept.response_ids), left
+
+
+def finished(kept: PartialResponse) -> PartialResponse:
+    """``kept`` as a whole response when ``continuation`` left nothing to generate: its own finish
+    reason, or ``length`` (it reached the limit before its last chunk was reported)."""
+    done = PartialResponse.from_json(kept.to_json())
+    done.finish_reason = kept.finish_reason or "length"
+    return done
+
+
+def joined(kept: PartialResponse, ids: Sequence[int], logprobs: Sequence[float], versions: Sequence[int],
+           finish_reason: str) -> PartialResponse:
+    """``kept`` followed by its continuation: the new tokens with their log-probs and the version of
+    each (never older than the kept tokens': the prefix stays the oldest), finished by
+    ``finish_reason``. ``kept`` itself is not changed."""
+    if len(versions) != len(ids):
+        raise ValueError(f"response {kept.index}: {len(versions)} versions for {len(ids)} continued tokens")
+    if not finish_reason:
+        raise ValueError(f"response {kept.index}: a continuation ends with a finish reason")
+    out = PartialResponse.from_json({**kept.to_json(), "finish_reason": ""})
+    start = 0
+    for j in range(1, len(ids) + 1):  # one extend per run of equal versions
+        if j == len(ids) or versions[j] != versions[start]:
+            out.extend(ids[start:j], logprobs[start:j], versions[start])
+            start = j
+    out.finish_reason = finish_reason
+    return out

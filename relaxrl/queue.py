@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -143,6 +144,10 @@ class StalenessQueue:
         self._partials: dict[str, PartialGroup] = {}
         self._resume_partials: dict[str, PartialGroup] = {}
         self.requeued: Counter[str] = Counter()  # groups re-queued (aborted generations), by reason
+        # Resumed partial rollouts: continued from their kept tokens, or discarded (the bound, or
+        # rollout.partial=abort, no longer allowed them under the resumed weights; generated again).
+        self.partials_continued = 0
+        self.partials_discarded = 0
         self.aborted_tokens = 0  # tokens those aborted generations had produced (work thrown away)
         self._open = 0  # the lowest train version whose batch has not been taken
         self.deadline_misses = 0  # batches that had to leave a group past its deadline (versions skipped)
@@ -326,7 +331,20 @@ class StalenessQueue:
         ``admit``), for the rollout to continue; None if it has none (generate it from scratch)."""
         if group_id not in self._groups:
             return None
-        return self._resume_partials.pop(group_id, None)
+        pg = self._resume_partials.pop(group_id, None)
+        if pg is not None and group_id not in self._partials:
+            # Still its latest record until the rollout records a newer one: a checkpoint taken
+            # before the continuation's first record keeps it rather than lose the kept tokens.
+            self._partials[group_id] = PartialGroup.from_json(pg.to_json())
+        return pg
+
+    def note_partials(self, continued: int, discarded: int) -> None:
+        """The rollout continued ``continued`` handed-back partial rollouts and generated
+        ``discarded`` again from their prompts (counted: ``partials_continued``/``partials_discarded``)."""
+        if continued < 0 or discarded < 0:
+            raise QueueError(f"note_partials needs counts >= 0, got {continued}, {discarded}")
+        self.partials_continued += int(continued)
+        self.partials_discarded += int(discarded)
 
     def _maybe_complete(self, gid: str) -> None:
         group = self._groups[gid]
@@ -482,6 +500,8 @@ class StalenessQueue:
             "partial_aborted": self.requeued.get("partial_aborted", 0),
             "aborted_tokens": self.aborted_tokens,
             "partials_recorded": len(self._partials) + len(self._resume_partials),
+            "partials_continued": self.partials_continued,
+            "partials_discarded": self.partials_discarded,
             "deadline_misses": self.deadline_misses,
         }
 
@@ -553,6 +573,8 @@ class StalenessQueue:
                          if gid in self._groups or int(gid[1:]) in self._redo},
             "requeued": dict(self.requeued),
             "aborted_tokens": self.aborted_tokens,
+            "partials_continued": self.partials_continued,
+            "partials_discarded": self.partials_discarded,
             "group_size": self.group_size,
         }
 
@@ -582,12 +604,20 @@ class StalenessQueue:
                                  for k, v in snap.get("partials", {}).items()}
         self.requeued = Counter(snap.get("requeued", {}))
         self.aborted_tokens = int(snap.get("aborted_tokens", 0))
+        self.partials_continued = int(snap.get("partials_continued", 0))
+        self.partials_discarded = int(snap.get("partials_discarded", 0))
         self._open = self.version  # a checkpoint is taken with no batch of the next step out
         self.check_accounting()
 
 
 def group_name(seq: int) -> str:
     return f"g{seq}"
+
+
+# A streaming rollout replica's long poll for partial-rollout requests lasts this long, and one that
+# has not polled for this long plus the grace is no longer asked (it is gone).
+PARTIALS_POLL_S = 10.0
+PARTIALS_LISTENER_GRACE_S = 5.0
 
 
 class QueueActor:
@@ -605,6 +635,12 @@ class QueueActor:
         self._ready = asyncio.Condition()  # the trainer waiting for a batch
         self._served_next = 0  # batch requests are served in train-version order: this one's turn is next
         self._closed = False
+        # Partial rollouts for a checkpoint: each streaming rollout replica long-polls
+        # partials_wanted; collect_partials asks them all (a new epoch) and waits for their records.
+        self._partials_epoch = 0
+        self._partials_asked = asyncio.Event()  # set (and replaced) when an epoch begins
+        self._listeners: dict[str, float] = {}  # rollout replica -> when it last polled (monotonic)
+        self._answers: dict[int, set[str]] = {}  # epoch -> replicas that recorded for it
 
     @staticmethod
     async def _wake(cond: asyncio.Condition) -> None:
@@ -655,9 +691,50 @@ class QueueActor:
         await self._wake(self._capacity)
         return n
 
-    def record_partials(self, partials: list) -> int:
-        """``StalenessQueue.record_partials`` (``PartialGroup``s or their ``to_json()``)."""
-        return self.q.record_partials(partials)
+    def record_partials(self, partials: list, epoch: Optional[int] = None, replica: Optional[str] = None) -> int:
+        """``StalenessQueue.record_partials`` (``PartialGroup``s or their ``to_json()``); with
+        ``epoch``/``replica``: ``replica``'s answer to ``collect_partials``' request ``epoch``."""
+        kept = self.q.record_partials(partials)
+        if epoch is not None and replica is not None and epoch == self._partials_epoch:
+            self._answers.setdefault(epoch, set()).add(replica)
+        return kept
+
+    async def partials_wanted(self, replica: str, seen: int, timeout_s: float = PARTIALS_POLL_S) -> int:
+        """A streaming rollout replica's long poll: returns the current request epoch once it is
+        past ``seen`` (``collect_partials`` asked: the replica records its partial rollouts for that
+        epoch), or after ``timeout_s`` (the replica polls again). A replica counts as listening for
+        ``timeout_s`` plus a grace after its last poll began."""
+        self._listeners[replica] = time.monotonic()
+        if self._partials_epoch <= seen:
+            try:
+                await asyncio.wait_for(self._partials_asked.wait(), timeout_s)
+            except asyncio.TimeoutError:
+                pass
+        return self._partials_epoch
+
+    async def collect_partials(self, timeout_s: float) -> dict:
+        """Before a checkpoint's snapshot: ask every listening rollout replica for its partial
+        rollouts in flight and wait until each has recorded them, at most ``timeout_s`` (a replica
+        that does not answer only costs its groups' kept tokens: a resumed run generates them again).
+        Returns how many replicas were asked and answered, and the records kept."""
+        self._partials_epoch += 1
+        epoch = self._partials_epoch
+        asked, self._partials_asked = self._partials_asked, asyncio.Event()
+        asked.set()
+        now = time.monotonic()
+        live = {r for r, t in self._listeners.items() if now - t <= PARTIALS_POLL_S + PARTIALS_LISTENER_GRACE_S}
+        self._listeners = {r: t for r, t in self._listeners.items() if r in live}  # gone replicas are forgotten
+        deadline = now + timeout_s
+        while not live <= self._answers.get(epoch, set()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        answered = self._answers.pop(epoch, set()) & live
+        if len(answered) < len(live):
+            log.warning("partial rollouts: %d of %d rollout replicas answered within %.0f s; the groups of the "
+                        "others are generated again after a resume", len(answered), len(live), timeout_s)
+        return {"asked": len(live), "answered": len(answered), "recorded": self.q.metrics()["partials_recorded"]}
+
+    def note_partials(self, continued: int, discarded: int) -> None:
+        self.q.note_partials(continued, discarded)
 
     def take_partials(self, group_ids: list[str]) -> dict[str, dict]:
         """The recorded partial rollouts, as ``PartialGroup.to_json()``, of those of ``group_ids``
@@ -752,5 +829,6 @@ class QueueActor:
         fresh.restore(snap)
         fresh.stage_intervals = self.q.stage_intervals  # the run's timeline goes on
         self.q, self._epoch, self._served_next, self._closed = fresh, self._epoch + 1, 0, False
+        self._listeners = {}  # the rollout replicas were replaced: the new ones register as they start
         await self._wake(self._ready)
         await self._wake(self._capacity)

@@ -9,8 +9,9 @@ reports temperature-1 log-probs.
 
 from __future__ import annotations
 
+import itertools
 import logging
-from typing import NamedTuple, Optional, Sequence
+from typing import Iterable, NamedTuple, Optional, Sequence
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
@@ -18,7 +19,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from relaxrl.engines.base import Generation, SamplingParams, WeightPayload
 from relaxrl.engines.device import first_stop, log_model, resolve_device, token_ids
 from relaxrl.engines.logprobs import gather_response, left_pad, right_pad, token_logprobs, token_logprobs_topk
-from relaxrl.engines.payload import load_full_state_dict, unpack_weights
+from relaxrl.engines.payload import load_full_parts, merged
 from relaxrl.models.lora import LoraConfig, apply_lora, is_lora, load_adapter_state_dict
 
 log = logging.getLogger(__name__)
@@ -174,14 +175,22 @@ class HFGenerationEngine:
 
     def load_weights(self, payload: WeightPayload) -> None:
         """Load a ``"full"`` state dict, or a ``"lora"`` adapter into a LoRA engine; adopt its version."""
-        check_payload_kind(payload, self.lora_on)
-        state = unpack_weights(payload)
-        with torch.no_grad():
-            if self.lora_on:
-                load_adapter_state_dict(self.model, state)
-            else:
-                load_full_state_dict(self.model, state)
-        self.version = int(payload.version)
+        self.load_weight_parts([payload])
+
+    def load_weight_parts(self, parts: Iterable[WeightPayload]) -> None:
+        """``load_weights`` for an update in parts: the full weights are copied in place part by part
+        (the manifest checked before the first copy); an adapter is loaded whole."""
+        parts = iter(parts)
+        first = next(parts, None)
+        if first is None:
+            raise ValueError("a weight update with no parts")
+        check_payload_kind(first, self.lora_on)
+        if self.lora_on:
+            with torch.no_grad():
+                load_adapter_state_dict(self.model, merged(itertools.chain([first], parts)).tensors)
+        else:
+            load_full_parts(self.model, itertools.chain([first], parts))
+        self.version = int(first.version)
 
     def score(
         self,
@@ -221,9 +230,9 @@ class HFGenerationEngine:
 class _Job:
     """One request of the streaming HF engine: its response so far and where it goes when done."""
 
-    __slots__ = ("prompt", "params", "ids", "logprobs", "versions", "future", "stopped")
+    __slots__ = ("prompt", "params", "ids", "logprobs", "versions", "future", "stopped", "on_tokens")
 
-    def __init__(self, prompt: list[int], params: SamplingParams, future) -> None:
+    def __init__(self, prompt: list[int], params: SamplingParams, future, on_tokens=None) -> None:
         self.prompt = prompt
         self.params = params
         self.ids: list[int] = []
@@ -231,6 +240,7 @@ class _Job:
         self.versions: list[int] = []
         self.future = future
         self.stopped = False
+        self.on_tokens = on_tokens  # (ids, logprobs, version, finish_reason) after each chunk, or None
 
     @property
     def remaining(self) -> int:
@@ -300,8 +310,16 @@ class StreamingHFEngine:
 
     # ------------------------------------------------------------------ requests
 
-    def submit(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list:
-        """One ``concurrent.futures.Future`` of a ``Generation`` per prompt."""
+    # ``on_tokens`` is supported: the rollout keeps partial rollouts from it (relaxrl.partial).
+    reports_tokens = True
+
+    def submit(self, prompts: Sequence[Sequence[int]], params: SamplingParams, on_tokens=None) -> list:
+        """One ``concurrent.futures.Future`` of a ``Generation`` per prompt.
+
+        ``on_tokens(index, ids, logprobs, version, finish_reason)``, if given, is called on the
+        engine's thread after every chunk with prompt ``index``'s new tokens (``finish_reason`` ""
+        until its last chunk): what a checkpoint records of a generation in flight."""
+        import functools
         from concurrent.futures import Future
 
         if any(len(p) == 0 for p in prompts):
@@ -314,29 +332,38 @@ class StreamingHFEngine:
         for i, p in enumerate(prompts):
             seed = None if params.seed is None else int(params.seed) * 1_000_003 + i
             f: Future = Future()
+            hook = None if on_tokens is None else functools.partial(on_tokens, i)
             self._inbox.put(_Job([int(t) for t in p], SamplingParams(params.temperature, params.top_p,
-                                                                      params.max_new_tokens, seed), f))
+                                                                      params.max_new_tokens, seed), f, hook))
             futures.append(f)
         return futures
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Generation]:
         return [f.result() for f in self.submit(prompts, params)]
 
-    async def agenerate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Generation]:
+    async def agenerate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                        on_tokens=None) -> list[Generation]:
         import asyncio
 
-        return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in self.submit(prompts, params))))
+        futures = self.submit(prompts, params, on_tokens)
+        return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
 
     # ------------------------------------------------------------------ weights
 
     def load_weights(self, payload: WeightPayload) -> None:
         """Load at the next chunk boundary (at once when idle); returns once loaded."""
-        self.submit_weights(payload).result()
+        self.submit_weights([payload]).result()
+
+    def load_weight_parts(self, parts: Iterable[WeightPayload]) -> None:
+        self.submit_weights(parts).result()
 
     async def aload_weights(self, payload: WeightPayload) -> None:
+        await self.aload_weight_parts([payload])
+
+    async def aload_weight_parts(self, parts: Iterable[WeightPayload]) -> None:
         import asyncio
 
-        await asyncio.wrap_future(self.submit_weights(payload))
+        await asyncio.wrap_future(self.submit_weights(parts))
 
     def load_state_iterator(self, tensors, version: int) -> None:
         """Full weights as ``(name, tensor)`` pairs (the broadcast receiver's path), at the next chunk."""
@@ -344,12 +371,12 @@ class StreamingHFEngine:
 
         self.load_weights(pack_weights(dict(tensors), version=version, kind="full"))
 
-    def submit_weights(self, payload: WeightPayload):
+    def submit_weights(self, parts: Iterable[WeightPayload]):
+        """Queue an update (its parts) for the next chunk boundary; the future is set once loaded."""
         from concurrent.futures import Future
 
-        check_payload_kind(payload, self.lora_on)
         f: Future = Future()
-        self._inbox.put((payload, f))
+        self._inbox.put((parts, f))
         return f
 
     # ------------------------------------------------------------------ the loop
@@ -378,11 +405,19 @@ class StreamingHFEngine:
             if active:
                 active = self._chunk(active)
 
-    def _load(self, payload: WeightPayload, future) -> None:
+    def _load(self, parts: Iterable[WeightPayload], future) -> None:
+        nbytes = 0
+
+        def counted():
+            nonlocal nbytes
+            for part in parts:
+                nbytes += part.nbytes
+                yield part
+
         try:
-            self.engine.load_weights(payload)
+            self.engine.load_weight_parts(counted())
             self.loads += 1
-            self.load_bytes += payload.nbytes
+            self.load_bytes += nbytes
             future.set_result(None)
         except BaseException as e:  # the caller sees it; the loop goes on with the old weights
             future.set_exception(e)
@@ -417,6 +452,13 @@ class StreamingHFEngine:
                 j.versions += [version] * k
                 self.tokens_streamed += k
                 j.stopped = g.finish_reason == "stop" and k == len(g.response_ids)
+                if j.on_tokens is not None:
+                    finish = "stop" if j.stopped else ("length" if j.remaining <= 0 else "")
+                    try:
+                        j.on_tokens(g.response_ids[:k], g.logprobs[:k], version, finish)
+                    except BaseException as e:  # the caller's hook failed: its request fails, not the engine
+                        _settle(j.future, error=e)
+                        continue
                 if j.stopped or j.remaining <= 0:
                     _settle(j.future, j.result())
                 else:
