@@ -17,7 +17,7 @@ from relaxrl.partial import PartialGroup, PartialResponse, continuation, finishe
 from relaxrl.queue import QueueActor, StalenessQueue, group_name
 from relaxrl.sample import Sample
 
-from tests.engines.contract.conftest import base_model, prompts, tokenizer  # noqa: F401 (fixtures)
+from tests.engines.contract.conftest import base_model, model_dir, prompts, tokenizer  # noqa: F401 (fixtures)
 from tests.engines.contract.helpers import TOL, max_diff, reference_logprobs
 
 FIELDS = ("response_ids", "behaviour_logprobs", "reward")
@@ -190,3 +190,60 @@ def test_a_checkpoint_asks_every_listening_rollout_replica_and_waits_for_their_r
         assert actor._answers == {}
 
     asyncio.run(main())
+
+
+def rollout_role(model_dir, max_new_tokens, **kwargs):
+    """The streaming rollout role's own class (``.func_or_class``), in-process, without a weight
+    store: it keeps the engine's weights and version."""
+    from relaxrl.services.rollout import Rollout
+
+    return Rollout.func_or_class(model_dir, sampling={"temperature": 1.0, "top_p": 1.0,
+                                                      "max_new_tokens": max_new_tokens},
+                                 streaming=True, stream_chunk_tokens=1, **kwargs)
+
+
+def test_the_rollout_records_a_group_in_flight_and_continues_a_record_from_its_kept_tokens(model_dir, prompts):
+    from relaxrl.engines.payload import pack_weights
+    from relaxrl.groups import GroupRequest
+
+    role = rollout_role(model_dir, 40, max_staleness=1, partial="continue")
+    try:
+        request = GroupRequest(group_id="g0", prompt_ids=list(prompts[0]), n=2, seed=7)
+
+        async def in_flight():  # what a checkpoint finds: a prefix of what the group ends with
+            task = asyncio.ensure_future(role.generate([request]))
+            for _ in range(5000):
+                if (records := role.records()) and not task.done():
+                    break
+                await asyncio.sleep(0.001)
+            return records, await task
+
+        records, samples = asyncio.run(in_flight())
+        assert [r["group_id"] for r in records] == ["g0"] and role.records() == []  # none once it is done
+        for r in records[0]["responses"]:
+            s = samples[r["index"]]
+            n = len(r["response_ids"])
+            assert 0 < n and (s.response_ids[:n], s.behaviour_logprobs[:n]) == (r["response_ids"],
+                                                                               r["behaviour_logprobs"])
+
+        kept = PartialGroup("g0")
+        kept.response(0).extend([11, 12, 13], [-0.5, -0.6, -0.7], version=0)
+        kept.response(1).extend([21, 22], [-0.2, -0.3], version=0)
+        kept.response(1).finish_reason = "stop"
+        samples = asyncio.run(role.generate([request], partials={"g0": kept.to_json()}))
+        a, b = samples
+        assert a.response_ids[:3] == [11, 12, 13] and a.behaviour_logprobs[:3] == [-0.5, -0.6, -0.7]
+        assert 3 < len(a.response_ids) <= 40 and a.policy_version == a.oldest_version == 0
+        assert (b.response_ids, b.behaviour_logprobs, b.finish_reason) == ([21, 22], [-0.2, -0.3], "stop")
+        assert b.prompt_ids == list(prompts[0]) and a.uid == "g0/0"  # the group's own prompt, not the continuation's
+        assert role.stats()["partials_continued"] == 1 and role.stats()["partials_discarded"] == 0
+
+        # Weights 2 loaded since: a version-0 prefix is past max_staleness=1, so the bound refuses it.
+        state = {k: v.clone() for k, v in role.engine.model.state_dict().items()}
+        role.engine.load_weights(pack_weights(state, version=2, kind="full"))
+        samples = asyncio.run(role.generate([request], partials={"g0": kept.to_json()}))
+        assert all(s.policy_version == 2 and not s.token_versions for s in samples)  # generated afresh
+        assert samples[0].response_ids[:3] != [11, 12, 13] or samples[1].response_ids != [21, 22]
+        assert role.stats()["partials_discarded"] == 1
+    finally:
+        role.engine.close()
