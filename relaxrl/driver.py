@@ -387,8 +387,8 @@ async def restore(roles: Roles, cfg: DictConfig, env: Any, path: str, stats: Run
     stats.rewards = list(meta["rewards"])
     stats.resumed_from = path
     stats.resume_partials = set(checkpoint.partial_rollouts(meta))
-    log.warning("resumed from %s at step %d (version %d); %d groups in flight are generated again (%d continued "
-                "from their partial rollouts)", path, stats.steps, version, len(meta["queue"]["in_flight"]),
+    log.warning("resumed from %s at step %d (version %d); %d groups in flight are generated again (%d of them "
+                "go on from their recorded partial rollouts)", path, stats.steps, version, len(meta["queue"]["in_flight"]),
                 len(stats.resume_partials))
     return TaskStream(env, cfg.seed, start=meta["queue"]["admitted"], keep=tuple(meta["queue"]["in_flight"]))
 

@@ -694,10 +694,11 @@ class QueueActor:
     def record_partials(self, partials: list, epoch: Optional[int] = None, replica: Optional[str] = None) -> int:
         """``StalenessQueue.record_partials`` (``PartialGroup``s or their ``to_json()``); with
         ``epoch``/``replica``: ``replica``'s answer to ``collect_partials``' request ``epoch``."""
-        kept = self.q.record_partials(partials)
         if epoch is not None and replica is not None and epoch == self._partials_epoch:
+            # It answered even if a record is refused below (the error goes back to it): the
+            # checkpoint need not wait out its timeout for it.
             self._answers.setdefault(epoch, set()).add(replica)
-        return kept
+        return self.q.record_partials(partials)
 
     async def partials_wanted(self, replica: str, seen: int, timeout_s: float = PARTIALS_POLL_S) -> int:
         """A streaming rollout replica's long poll: returns the current request epoch once it is
