@@ -102,6 +102,9 @@ def check_rollout(cfg: DictConfig) -> None:
     from relaxrl.partial import check_mode
 
     check_mode(cfg.rollout.partial)
+    if not float(cfg.weight_sync.bucket_mb) > 0:
+        raise ValueError(f"weight_sync.bucket_mb must be > 0 (the size of a weight version's parts), got "
+                         f"{cfg.weight_sync.bucket_mb}")
 
 
 def check_trainer(cfg: DictConfig) -> None:

@@ -302,6 +302,7 @@ def start_roles(cfg: DictConfig, model_dir: str, required_fields: tuple[str, ...
             weight_sync=sync,
             hang_timeout_s=f.hang_timeout_s,
             publish_timeout_s=f.publish_timeout_s,
+            weight_bucket_mb=cfg.weight_sync.bucket_mb,
         ),
     })
     calls: list[tuple[str, str]] = []

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Protocol, Sequence
+from typing import Callable, Iterable, Optional, Protocol, Sequence
 
 import torch
 
@@ -34,15 +34,33 @@ class Generation:
 
 @dataclass
 class WeightPayload:
-    """A versioned weight update: the full state dict, or only a LoRA adapter's tensors."""
+    """A versioned weight update: the full state dict, or only a LoRA adapter's tensors, as CPU
+    tensors the payload owns (``relaxrl.engines.payload.pack_weights`` copies them out of the
+    model once, cast to the rollout's dtype; a tied weight is stored once).
+
+    A large update travels as *parts* (``split_payload``): each holds some of the tensors and the
+    whole update's ``manifest`` (name -> shape, dtype), so a receiver checks every name and shape
+    before it copies anything and loads part by part, holding one part at a time. Through Ray the
+    tensors are numpy buffers (``__reduce__``): ``ray.put`` copies them into the object store once
+    and ``ray.get`` maps them without a copy."""
 
     version: int
     kind: str  # "full" or "lora"
-    blob: bytes  # safetensors-serialised state dict
+    tensors: dict[str, torch.Tensor]
+    manifest: dict[str, tuple[tuple[int, ...], str]] = field(default_factory=dict)  # empty: ``tensors``' own
+
+    def __post_init__(self) -> None:
+        if not self.manifest:
+            self.manifest = {k: (tuple(t.shape), str(t.dtype).removeprefix("torch.")) for k, t in self.tensors.items()}
 
     @property
     def nbytes(self) -> int:
-        return len(self.blob)
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def __reduce__(self):
+        from relaxrl.engines.payload import payload_from_arrays, payload_to_arrays
+
+        return payload_from_arrays, payload_to_arrays(self)
 
 
 class GenerationEngine(Protocol):
@@ -53,6 +71,10 @@ class GenerationEngine(Protocol):
 
     def load_weights(self, payload: WeightPayload) -> None:
         """Replace the policy weights with ``payload`` and adopt its version."""
+
+    def load_weight_parts(self, parts: "Iterable[WeightPayload]") -> None:
+        """``load_weights`` for an update split into parts (``split_payload``): every name and shape
+        of the first part's manifest is checked first, then each part is copied in place as it comes."""
 
 
 class StreamingGenerationEngine(GenerationEngine, Protocol):

@@ -366,10 +366,9 @@ class StreamingHFEngine:
         await asyncio.wrap_future(self.submit_weights(parts))
 
     def load_state_iterator(self, tensors, version: int) -> None:
-        """Full weights as ``(name, tensor)`` pairs (the broadcast receiver's path), at the next chunk."""
-        from relaxrl.engines.payload import pack_weights
-
-        self.load_weights(pack_weights(dict(tensors), version=version, kind="full"))
+        """Full weights as ``(name, tensor)`` pairs (the broadcast receiver's path, which owns them:
+        loaded as they are, no copy), at the next chunk."""
+        self.load_weights(WeightPayload(int(version), "full", tensors=dict(tensors)))
 
     def submit_weights(self, parts: Iterable[WeightPayload]):
         """Queue an update (its parts) for the next chunk boundary; the future is set once loaded."""

@@ -44,7 +44,9 @@ class WeightSyncOptions:
     # broadcast: trainer rank 0 broadcasts bucketed full weights to every rollout replica each version.
     method: str = "object_store"
     backend: str = "auto"  # broadcast only: auto (nccl on CUDA, else gloo) | nccl | gloo
-    bucket_mb: float = 256.0  # broadcast only: flat buckets of at most this size, one collective each
+    # The size of a version's pieces: object_store: parts of at most this size, which a replica loads
+    # one at a time (its memory rises by one part, not the model); broadcast: flat buckets, one collective each.
+    bucket_mb: float = 256.0
 
 
 def check_engine(kind: str, name: str, valid: tuple[str, ...]) -> str:

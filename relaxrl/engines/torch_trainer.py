@@ -362,7 +362,7 @@ class TorchTrainerEngine:
     def export_weights(self) -> WeightPayload:
         """The weights in the model's dtype (the rollout's), whatever the trainer keeps."""
         kind = "lora" if self.lora_on else "full"
-        return pack_weights(cast_state_dict(self._weights(), self.model_dtype), version=self.version, kind=kind)
+        return pack_weights(self._weights(), version=self.version, kind=kind, dtype=self.model_dtype)
 
     def save_checkpoint(self, path: str) -> None:
         """Weights (a complete HF model dir in the model's dtype, tokenizer included, or the peft

@@ -22,11 +22,13 @@ import logging
 import os
 import shutil
 import tempfile
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterable, Optional, Sequence, Union
 
 from relaxrl.engines.base import Generation, SamplingParams, WeightPayload
 from relaxrl.engines.hf_generation import check_payload_kind
+from relaxrl.engines.payload import merged, remove_parts, write_parts
 from relaxrl.engines.options import VLLMOptions
+from safetensors.torch import save_file
 from relaxrl.models.lora import LoraConfig
 
 log = logging.getLogger(__name__)
@@ -102,14 +104,35 @@ def vllm_sampling(params: SamplingParams, n: int, eos_ids: Sequence[int], *, fin
 # module-level so the workers can import them by name.
 
 
-def _worker_load_full(self, blob: bytes) -> int:
-    """Load a safetensors blob of HF-named weights in place; returns how many tensors were read."""
-    from safetensors.torch import load as st_load
+def _worker_reload(self, tensors) -> int:
+    """Load HF-named ``(name, tensor)`` pairs in place; returns how many were read."""
+    n = 0
 
-    state = st_load(blob)
-    self.model_runner.reload_weights(weights_iterator=iter(state.items()))
+    def counted():
+        nonlocal n
+        for item in tensors:
+            n += 1
+            yield item
+
+    self.model_runner.reload_weights(weights_iterator=counted())
     _redispatch_cpu_lm_head(self.model_runner.model)
-    return len(state)
+    return n
+
+
+def _worker_load_parts(self, parts) -> int:
+    """A full update's parts (``WeightPayload``s), part by part. In-process engines only: ``parts``
+    is passed by reference, not serialised."""
+    from relaxrl.engines.payload import iter_tensors
+
+    return _worker_reload(self, iter_tensors(parts))
+
+
+def _worker_load_files(self, paths: list) -> int:
+    """The same for an engine core in another process: the parts as safetensors files in shared
+    memory (``payload.write_parts``), read one at a time through a memory map."""
+    from relaxrl.engines.payload import read_tensors
+
+    return _worker_reload(self, read_tensors(paths))
 
 
 def _redispatch_cpu_lm_head(model: Any) -> None:
@@ -212,6 +235,8 @@ class VLLMGenerationEngine:
         self.lora_on = self.lora_cfg is not None
         kwargs = engine_kwargs(self.model_dir, dtype, seed, opts, self.lora_cfg)
         self.llm = LLM(**kwargs)
+        # The model runs in this process (weights are handed over by reference) unless vLLM was told otherwise.
+        self._in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0" and opts.tensor_parallel_size == 1
         self._work_dir = work_dir or tempfile.mkdtemp(prefix="relaxrl-vllm-")
         self._lora_request = None  # the adapter of the current version (None: base weights)
         self.version = 0
@@ -243,13 +268,25 @@ class VLLMGenerationEngine:
     def load_weights(self, payload: WeightPayload) -> None:
         """Full state (in place, all workers) or a LoRA adapter (a new adapter id); then reset the
         prefix cache and adopt the payload's version."""
-        check_payload_kind(payload, self.lora_on)
+        self.load_weight_parts([payload])
+
+    def load_weight_parts(self, parts: Iterable[WeightPayload]) -> None:
+        parts = list(parts)
+        if not parts:
+            raise ValueError("a weight update with no parts")
+        check_payload_kind(parts[0], self.lora_on)
         if self.lora_on:
-            self._load_adapter(payload)
+            self._load_adapter(merged(parts))
+        elif self._in_process:
+            self.llm.collective_rpc(_worker_load_parts, args=(parts,))
         else:
-            self.llm.collective_rpc(_worker_load_full, args=(payload.blob,))
+            paths = write_parts(parts)
+            try:
+                self.llm.collective_rpc(_worker_load_files, args=(paths,))
+            finally:
+                remove_parts(paths)
         self.llm.reset_prefix_cache()
-        self.version = int(payload.version)
+        self.version = int(parts[0].version)
 
     def join_weight_group(self, host: str, port: int, world_size: int, rank_offset: int = 1) -> None:
         """Every worker joins the NCCL group trainer rank 0 broadcasts on (GPU only; blocks until
@@ -269,12 +306,7 @@ class VLLMGenerationEngine:
         through the same worker-side path as ``load_weights``."""
         if self.lora_on:
             raise ValueError("load_state_iterator loads full weights; this engine serves a LoRA adapter")
-        from relaxrl.engines.payload import pack_weights
-
-        blob = pack_weights(dict(tensors), version=version, kind="full").blob  # tied weights once
-        self.llm.collective_rpc(_worker_load_full, args=(blob,))
-        self.llm.reset_prefix_cache()
-        self.version = int(version)
+        self.load_weight_parts([WeightPayload(int(version), "full", tensors=dict(tensors))])
 
     def _load_adapter(self, payload: WeightPayload) -> None:
         from peft import LoraConfig as PeftLoraConfig
@@ -283,8 +315,7 @@ class VLLMGenerationEngine:
         cfg = self.lora_cfg
         path = os.path.join(self._work_dir, f"adapter-v{payload.version}")
         os.makedirs(path, exist_ok=True)
-        with open(os.path.join(path, "adapter_model.safetensors"), "wb") as f:
-            f.write(payload.blob)
+        save_file(payload.tensors, os.path.join(path, "adapter_model.safetensors"))
         peft_cfg = PeftLoraConfig(
             r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=0.0, target_modules=list(cfg.target_modules),
             task_type="CAUSAL_LM", base_model_name_or_path=self.model_dir,
@@ -454,36 +485,48 @@ class StreamingVLLMEngine:
     # ------------------------------------------------------------------ weights
 
     def load_weights(self, payload: WeightPayload) -> None:
-        check_payload_kind(payload, False)
-        self._call(self._swap(_worker_load_full, (payload.blob,), payload.version, payload.nbytes))
+        self.load_weight_parts([payload])
+
+    def load_weight_parts(self, parts: Iterable[WeightPayload]) -> None:
+        self._call(self._swap(list(parts)))
 
     async def aload_weights(self, payload: WeightPayload) -> None:
+        await self.aload_weight_parts([payload])
+
+    async def aload_weight_parts(self, parts: Iterable[WeightPayload]) -> None:
         """``load_weights`` awaitable from any loop: requests in flight keep streaming until the
         engine's next step boundary, then continue under the new weights."""
-        check_payload_kind(payload, False)
-        await self._on_engine_loop(self._swap(_worker_load_full, (payload.blob,), payload.version, payload.nbytes))
+        await self._on_engine_loop(self._swap(list(parts)))
 
     def load_state_iterator(self, tensors, version: int) -> None:
         """Full weights as ``(name, tensor)`` pairs (the broadcast receiver's path)."""
-        from relaxrl.engines.payload import pack_weights
+        self.load_weights(WeightPayload(int(version), "full", tensors=dict(tensors)))
 
-        payload = pack_weights(dict(tensors), version=version, kind="full")
-        self.load_weights(payload)
-
-    async def _swap(self, fn, args: tuple, version: int, nbytes: int) -> None:
+    async def _swap(self, parts: list[WeightPayload]) -> None:
+        """Pause between engine steps, load ``parts`` into the engine core (shared-memory files: it
+        runs in its own process), stamp the new version, resume."""
         import time
 
+        if not parts:
+            raise ValueError("a weight update with no parts")
+        check_payload_kind(parts[0], False)
+        version, nbytes = int(parts[0].version), sum(p.nbytes for p in parts)
+        import asyncio
+
+        # Written before pausing, off the engine's loop: generation goes on meanwhile.
+        paths = await asyncio.get_running_loop().run_in_executor(None, write_parts, parts)
         async with self._weights_lock:
             start = time.perf_counter()
             # keep: requests stay queued, preempted (KV freed) and prefilled again on resume
             await self.llm.pause_generation(mode="keep", clear_cache=True)
             paused = time.perf_counter()
             try:
-                await self.llm.collective_rpc(fn, args=args)
+                await self.llm.collective_rpc(_worker_load_files, args=(paths,))
                 await self.llm.reset_prefix_cache()
                 await self.llm.update_weight_version(str(int(version)))
                 self.version = int(version)
             finally:
+                remove_parts(paths)  # what the worker did not read (it failed)
                 await self.llm.resume_generation()
             end = time.perf_counter()
             self.loads += 1

@@ -39,6 +39,7 @@ class Actor:
         weight_sync: Optional[dict] = None,
         hang_timeout_s: float = 600.0,
         publish_timeout_s: float = 120.0,
+        weight_bucket_mb: float = 256.0,
     ) -> None:
         from relaxrl.algorithms import make_algorithm
         from relaxrl.engines.factory import make_trainer_engine
@@ -95,6 +96,7 @@ class Actor:
         self.trained_count = 0  # samples trained on by this actor (and the runs it resumed)
         self.watch = RequestWatch(hang_timeout_s)
         self.publish_timeout_s = publish_timeout_s
+        self.bucket_bytes = max(1, int(weight_bucket_mb * 2**20))  # a publication's parts: see split_payload
         self._turn = asyncio.Condition()  # steps train one at a time, in version order
         self._arrived: Counter = Counter()  # expected versions of the steps here, not yet training
         self._training = False
@@ -211,6 +213,7 @@ class Actor:
         """Copy the new weights out of the model (under the step's turn, so the next step cannot
         change them first; ``payload``: copied already) and start publishing them; returns the
         publication (its byte count). Publications run in version order, each after the one before."""
+        from relaxrl.engines.payload import split_payload
         from relaxrl.weights import publish_with_timeout
 
         if self.sender is not None:  # every rollout replica receives this version before we go on
@@ -225,8 +228,11 @@ class Actor:
         async def publish() -> int:
             if previous is not None:
                 await asyncio.gather(previous, return_exceptions=True)  # its own step reports a failure
-            await publish_with_timeout(self.store, payload.version, [ray.put(payload)], payload.kind,
-                                       payload.nbytes, self.publish_timeout_s)
+            # Parts, so a replica holds one at a time; put from a thread: the copy into the object
+            # store does not hold up this replica's event loop.
+            refs = await asyncio.to_thread(lambda: [ray.put(p) for p in split_payload(payload, self.bucket_bytes)])
+            await publish_with_timeout(self.store, payload.version, refs, payload.kind, payload.nbytes,
+                                       self.publish_timeout_s)
             return payload.nbytes
 
         # A task, not a coroutine: it runs even if this request is cancelled, so the next never waits on it forever.

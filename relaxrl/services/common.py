@@ -10,6 +10,8 @@ from typing import Any, Optional, Sequence
 
 import ray
 
+from relaxrl.memory import PeakResident, drop_shared_pages, shared_mappings
+
 log = logging.getLogger(__name__)
 
 
@@ -83,6 +85,20 @@ def _threads() -> list[int]:
         return [0]
 
 
+async def fetch_parts(refs: list[Any]) -> list[Any]:
+    """A publication's parts (``WeightPayload``s), mapped from the object store without a copy."""
+    return list(await asyncio.gather(*refs))
+
+
+def released(parts: list[Any]):
+    """``parts`` one at a time; once the loader asks for the next, the pages of the one before are
+    given back (``relaxrl.memory.drop_shared_pages``), so a load holds one part's pages at a time."""
+    mappings = shared_mappings()
+    for part in parts:
+        yield part
+        drop_shared_pages(part.tensors.values(), mappings)
+
+
 class WeightFollower:
     """Pulls the newest published weights into a generation engine between requests."""
 
@@ -96,6 +112,8 @@ class WeightFollower:
         self.failures = 0
         self._known: Optional[tuple[int, list[Any]]] = None  # a newer publication wait_for saw, not yet loaded
         self.last_interval: dict[str, float] = {}  # the latest load's weights_start/weights_end
+        self.last_memory: dict[str, float] = {}  # the latest load's resident size before it and its peak
+        self.max_reload_ratio = 0.0  # over every load: peak resident during it / resident before it
 
     def _newest_seen(self) -> int:
         return max(self.engine.version, self._known[0] if self._known else -1)
@@ -132,20 +150,24 @@ class WeightFollower:
         if newer is None:
             return {}
         start = time.time()
-        _, (ref,) = newer
-        payload = await ref
-        self.engine.load_weights(payload)
+        parts = await fetch_parts(newer[1])
+        with PeakResident() as mem:
+            self.engine.load_weight_parts(released(parts))
         end = time.time()
-        self._count(payload, start, end)
+        self._count(parts, start, end, mem)
         return {"weights_start": start, "weights_end": end}
 
-    def _count(self, payload: Any, start: float, end: float) -> None:
+    def _count(self, parts: list, start: float, end: float, mem: PeakResident) -> None:
+        nbytes = sum(p.nbytes for p in parts)
         self.sync_s += end - start
         self.loads += 1
-        self.sync_bytes += payload.nbytes
+        self.sync_bytes += nbytes
         self.last_interval = {"weights_start": start, "weights_end": end}
-        log.info("weights v%d: %d bytes copied into the rollout engine in %.3f s", payload.version, payload.nbytes,
-                 end - start)
+        self.last_memory = {"resident_before": mem.start, "resident_peak": mem.peak, "ratio": mem.ratio}
+        self.max_reload_ratio = max(self.max_reload_ratio, mem.ratio)
+        log.info("weights v%d: %d bytes in %d parts copied into the rollout engine in %.3f s (resident "
+                 "%.2f GB, peak %.2f GB during the load)", parts[0].version, nbytes, len(parts), end - start,
+                 mem.start / 1e9, mem.peak / 1e9)
 
     def last_load_within(self, since: float) -> dict[str, float]:
         """The latest load's interval if it ended after ``since`` (it happened under a request)."""
@@ -176,8 +198,8 @@ class WeightFollower:
                 await asyncio.sleep(min(1.0, poll_s))
 
     async def _load_in_flight(self, newer: tuple[int, list[Any]]) -> None:
-        _, (ref,) = newer
-        payload = await ref
+        parts = await fetch_parts(newer[1])
         start = time.time()
-        await self.engine.aload_weights(payload)
-        self._count(payload, start, time.time())
+        with PeakResident() as mem:
+            await self.engine.aload_weight_parts(released(parts))
+        self._count(parts, start, time.time(), mem)

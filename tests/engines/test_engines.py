@@ -213,7 +213,7 @@ def test_export_full_weights_sync_generation(tokenizer, base_model, prompts):
     _, batch2 = rollout_batch(gen, prompts, tokenizer, SamplingParams(max_new_tokens=4, seed=5))
     assert masked_max_diff(trainer.logprobs(batch2), batch2.behaviour_logprobs, batch2.loss_mask) < 1e-4
     with pytest.raises(ValueError, match="LoRA"):
-        gen.load_weights(WeightPayload(version=2, kind="lora", blob=payload.blob))
+        gen.load_weights(WeightPayload(version=2, kind="lora", tensors=payload.tensors))
 
 
 def test_lora_adapter_sync(tokenizer, base_model, prompts):

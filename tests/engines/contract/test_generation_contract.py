@@ -80,7 +80,7 @@ def test_weight_update_changes_logprobs_like_hf(engine, base_model, other_model,
         assert diff < TOL and moved > 0.1
         assert [g.response_ids for g in gens] != [g.response_ids for g in before]
         with pytest.raises(ValueError, match="does not match this engine"):
-            engine.load_weights(WeightPayload(version=4, kind="lora", blob=b""))
+            engine.load_weights(WeightPayload(version=4, kind="lora", tensors={}))
         assert engine.version == 3
     finally:  # back to the base weights for the module's other cases
         engine.load_weights(pack_weights(base_model.state_dict(), version=4, kind="full"))
