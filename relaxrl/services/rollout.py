@@ -42,6 +42,7 @@ from relaxrl.services.common import WeightFollower, keep_off_cpus, quiet_replica
 
 log = logging.getLogger(__name__)
 
+
 @serve.deployment(max_ongoing_requests=64)
 class Rollout:
     def __init__(
@@ -131,9 +132,10 @@ class Rollout:
             samples, continued = await self._generate_streaming(list(requests), kept)
         else:  # the batch engine does not continue records: they are generated again, counted
             samples = await self._generate_batch(list(requests))
-        if partials and route is not None:  # counted run-wide (only a resumed run's first requests)
+        answer = await self.forwarder.forward(samples, route)
+        if partials and route is not None:  # counted run-wide once delivered (a resumed run's first requests)
             await self._queue(route).note_partials.remote(continued, len(partials) - continued)
-        return await self.forwarder.forward(samples, route)
+        return answer
 
     async def _wait_for_weights(self, version: int) -> None:
         if self.streaming:
