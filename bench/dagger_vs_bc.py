@@ -47,7 +47,7 @@ ENVS = {
     "calculator": {"name": "calculator", "ops": ["+"], "min_operand": 10, "max_operand": 99, "max_turns": 4,
                    "max_action_tokens": 14},
     "guess": {"name": "guess", "high": 15, "max_turns": 5, "max_action_tokens": 4},
-    "gridwalk": {"name": "gridwalk", "size": 6, "slip": 0.3, "max_turns": 20, "max_action_tokens": 2},
+    "gridwalk": {"name": "gridwalk", "size": 6, "slip": 0.3, "max_turns": 20, "max_action_tokens": 2, "obs": "cells"},
 }
 
 
@@ -58,11 +58,24 @@ def method_config(method: str, a: argparse.Namespace):
                   eval_episodes=a.eval_episodes, eval_every=a.eval_every, buffer_size=a.buffer_size)
     if method == "dagger":
         return DAggerConfig(beta_schedule="linear", beta_start=1.0, beta_end=0.0, beta_decay_iters=a.decay_iters,
-                            label_budget=a.labels, **common)
+                            beta_hold_iters=a.hold_iters, label_budget=a.labels, **common)
     if method == "bc":
         return DAggerConfig(beta_schedule="constant", beta_start=1.0, label_budget=a.labels, **common)
     return DAggerConfig(teacher="none", beta_start=0.0, beta_end=0.0, ce_weight=0.0, grpo_weight=1.0,
                         group_size=a.grpo_group, **common)
+
+
+def env_config(a: argparse.Namespace) -> dict:
+    """The ENVS entry with ``--max-turns`` and each ``--env-set KEY=VALUE`` (YAML-typed) applied."""
+    import yaml
+
+    env = {**ENVS[a.env], **({"max_turns": a.max_turns} if a.max_turns else {})}
+    for item in a.env_set:
+        key, sep, value = item.partition("=")
+        if not sep or key not in env:
+            raise SystemExit(f"--env-set {item!r}: expected KEY=VALUE with KEY one of {sorted(env)}")
+        env[key] = yaml.safe_load(value)
+    return env
 
 
 def model_dir_for(a: argparse.Namespace, seed: int) -> str:
@@ -81,12 +94,12 @@ def run_method(method: str, seed: int, a: argparse.Namespace, model_dir: str) ->
 
     torch.set_num_threads(1)
     t0, c0 = time.time(), time.process_time()
-    env = {**ENVS[a.env], **({"max_turns": a.max_turns} if a.max_turns else {})}
+    env = env_config(a)
     runner = LocalEpisodes(model_dir, env, method_config(method, a), lr=a.lr, seed=seed,
                            micro_batch_size=a.batch_size)
     res = runner.run(a.steps)
     out = {"method": method, "seed": seed, "labels": res.labels, "episodes": res.episodes, "curve": res.curve,
-           "final": res.final, "evicted": res.evicted, "labels_dropped": res.labels_dropped,
+           "final": res.final, "fit": res.last_metrics.get("teacher_token_logprob", float("nan")), "evicted": res.evicted, "labels_dropped": res.labels_dropped,
            "wall_s": time.time() - t0, "cpu_s": time.process_time() - c0}
     print(f"done {method} seed {seed}: success={res.final['success']:.3f} in {out['wall_s']:.0f}s",
           file=sys.stderr, flush=True)
@@ -175,6 +188,9 @@ def report(runs: dict, a: argparse.Namespace, wall_s: float) -> None:
         for m, r in runs[s].items():
             print(f"curve {m} seed {s}: " + " ".join(f"{p['labels']}:{p['success']:.2f}/{p['success_greedy']:.2f}"
                                                      for p in r["curve"]))
+    for s in sorted(runs):  # how well each student fits its own labels: BC failing with a good fit is covariate shift
+        print(f"fit seed {s}: " + " ".join(f"{m}={r.get('fit', float('nan')):.3f}" for m, r in runs[s].items()
+                                            if m != "grpo") + " (teacher-token log-prob, last step's labels)")
     for s in sorted(runs):
         print(f"seed {s}: " + " ".join(f"{m}={r['final']['success']:.3f}" for m, r in runs[s].items()))
     cpu = sum(r["cpu_s"] for rs in runs.values() for r in rs.values())
@@ -195,6 +211,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--episodes-per-iter", type=int, default=16)
     p.add_argument("--steps-per-iter", type=int, default=20)
     p.add_argument("--decay-iters", type=int, default=5, help="DAgger: iterations for beta 1 -> 0")
+    p.add_argument("--hold-iters", type=int, default=0, help="DAgger: iterations at beta = 1 before the decay")
+    p.add_argument("--env-set", action="append", default=[], metavar="KEY=VALUE", help="override an env setting")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--buffer-size", type=int, default=4096)
     p.add_argument("--grpo-group", type=int, default=8)

@@ -66,6 +66,7 @@ class DAggerConfig:
     beta_end: float = 0.0
     beta_decay_iters: int = 8  # linear: iterations from beta_start to beta_end
     beta_decay_rate: float = 0.5  # exponential: beta_i = max(beta_end, beta_start * rate**i)
+    beta_hold_iters: int = 0  # iterations at beta_start before the schedule starts (a teacher-only warm start)
     buffer_size: int = 4096  # aggregated labels kept; when full the oldest are evicted first (FIFO)
     label_budget: int = 0  # teacher labels collected in total; 0: unlimited. Training goes on after it
     ce_weight: float = 1.0
@@ -104,11 +105,14 @@ class DAggerConfig:
                 raise ValueError(f"{f} must be >= 1, got {getattr(self, f)}")
         if self.episodes_per_iter % self.group_size:
             raise ValueError(f"episodes_per_iter={self.episodes_per_iter} must be a multiple of group_size")
-        if self.label_budget < 0 or self.eval_every < 0 or self.beta_decay_iters < 0:
-            raise ValueError("label_budget, eval_every and beta_decay_iters must be >= 0")
+        if self.label_budget < 0 or self.eval_every < 0 or self.beta_decay_iters < 0 or self.beta_hold_iters < 0:
+            raise ValueError("label_budget, eval_every, beta_decay_iters and beta_hold_iters must be >= 0")
 
     def beta(self, iteration: int) -> float:
-        return beta_at(iteration, self.beta_schedule, self.beta_start, self.beta_end,
+        """``beta_start`` for the first ``beta_hold_iters`` iterations, then the schedule from its start."""
+        if iteration < 0:
+            raise ValueError(f"iteration must be >= 0, got {iteration}")
+        return beta_at(max(0, iteration - self.beta_hold_iters), self.beta_schedule, self.beta_start, self.beta_end,
                        self.beta_decay_iters, self.beta_decay_rate)
 
 

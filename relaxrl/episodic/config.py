@@ -31,9 +31,10 @@ class CalculatorEnvConfig:
 class GridwalkEnvConfig:
     name: str = "gridwalk"
     size: int = 6  # size x size cells, a0 top left
-    slip: float = 0.3  # probability a move goes another way (what pushes a student off the expert's path)
+    slip: float = 0.0  # probability a move goes another way (> 0 also gives the expert's demos recovery states)
     max_turns: int = 20
     max_action_tokens: int = 2
+    obs: str = "cells"  # cells: CELL>GOAL | offset: the goal's signed offset (+2+3)
 
 
 def register_episodic_configs() -> None:

@@ -52,6 +52,16 @@ def test_beta_schedule_errors_and_config_checks():
     with pytest.raises(ValueError, match="teacher=none"):
         DAggerConfig(teacher="none")  # would still ask for labels
     assert DAggerConfig(beta_schedule="linear", beta_decay_iters=4).beta(2) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="beta_hold_iters"):
+        DAggerConfig(beta_hold_iters=-1)
+
+
+def test_beta_hold_keeps_the_teacher_for_the_first_iterations_then_runs_the_schedule():
+    cfg = DAggerConfig(beta_schedule="linear", beta_decay_iters=4, beta_hold_iters=3)
+    assert [cfg.beta(i) for i in range(9)] == pytest.approx([1, 1, 1, 1, 0.75, 0.5, 0.25, 0, 0])
+    # In a run the schedule is read per weight version: version // steps_per_iter is the iteration.
+    algo = DAgger(DAggerConfig(beta_decay_iters=2, beta_hold_iters=1, steps_per_iter=4))
+    assert [algo.beta_at_version(v) for v in (0, 3, 4, 7, 8, 12)] == pytest.approx([1, 1, 1, 1, 0.5, 0])
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.25, 0.8, 1.0])

@@ -3,7 +3,7 @@
 import pytest
 
 from relaxrl.envs.episodes import ExpertTeacher, label_samples, run_episodes, trajectory_sample
-from relaxrl.envs.gridwalk import MOVES, GridWalkEnv, cell_name, expert_move
+from relaxrl.envs.gridwalk import MOVES, GridWalkEnv, cell_name, expert_move, offset_text
 from relaxrl.envs.registry import make_env
 from relaxrl.models.tiny import build_tokenizer
 
@@ -104,18 +104,18 @@ def test_slips_move_elsewhere_and_follow_the_seed_not_the_actions():
     assert flags[0][2:] == flags[1][2:] and 0 < sum(flags[1]) < 6, flags
 
 
-def test_covariate_shift_demonstrations_miss_the_states_a_slip_leads_to():
-    """The property the DAgger bench needs: the expert's own trajectories from a0 rarely need up or
-    left, a policy that never takes them (what those demonstrations teach) fails where the expert
-    recovers, and the expert's trajectories visit few of the (cell, goal) states."""
+def test_with_slips_demonstrations_already_hold_recovery_labels():
+    """Why the bench runs slip=0: with slip 0.3 the expert's own trajectories from a0 are pushed off
+    its path too, so 7% of its labels are up or left (recovery data behaviour cloning gets for free);
+    a policy that never moves up or left still fails where the expert recovers."""
     seeds = range(400)
-    expert_wins = sum(play(GridWalkEnv(), s, expert)[0] for s in seeds)
-    blind_wins = sum(play(GridWalkEnv(), s, down_right_only)[0] for s in seeds)
-    # Measured: the expert 0.968, down-and-right only 0.808 (the defaults: size 6, slip 0.3, 20 turns).
+    expert_wins = sum(play(GridWalkEnv(slip=0.3), s, expert)[0] for s in seeds)
+    blind_wins = sum(play(GridWalkEnv(slip=0.3), s, down_right_only)[0] for s in seeds)
+    # Measured: the expert 0.968, down-and-right only 0.808 (size 6, slip 0.3, 20 turns).
     assert expert_wins / 400 >= 0.93 and blind_wins / 400 <= 0.85, (expert_wins, blind_wins)
     labels, states = [], set()
     for s in seeds:
-        env = GridWalkEnv()
+        env = GridWalkEnv(slip=0.3)
         env.reset(s)
         while not env.done:
             labels.append(env.expert_action())
@@ -125,6 +125,31 @@ def test_covariate_shift_demonstrations_miss_the_states_a_slip_leads_to():
     assert 0.0 < up_left < 0.12, up_left  # measured 0.073
     # Measured: 456 of the 1,260 (cell, goal) states in 400 episodes, 3,408 labels.
     assert len(states) < 0.45 * 36 * 35, len(states)
+
+
+def test_without_slips_the_students_own_wrong_moves_are_what_leaves_the_expert_states():
+    """The bench's setting (slip 0, Ross et al.'s conditions): the expert's walks from a0 are the same
+    35 walks over and over, on 180 of the 1,260 (cell, goal) states, so they hold no state off
+    them; most single wrong moves from them (3 in 5) land off them, and the expert knows the way
+    from every cell (the test above)."""
+    states, labels = set(), 0
+    for s in range(400):
+        env = GridWalkEnv(slip=0.0)
+        env.reset(s)
+        while not env.done:
+            states.add((env.cell, env.goal))
+            labels += 1
+            env.step(env.expert_action())
+    assert len(states) == 180 and labels > 2000  # 14% of the states however many demonstrations
+    off = moves = 0
+    for cell, goal in states:
+        for m, (dr, dc) in MOVES.items():
+            nxt = (cell[0] + dr, cell[1] + dc)
+            if m == expert_move(cell, goal) or not (0 <= nxt[0] < 6 and 0 <= nxt[1] < 6):
+                continue
+            moves += 1
+            off += nxt != goal and (nxt, goal) not in states
+    assert off / moves == pytest.approx(215 / 360)
 
 
 def test_registry_builds_it_and_expert_episodes_make_one_letter_labels():
@@ -145,8 +170,26 @@ def test_registry_builds_it_and_expert_episodes_make_one_letter_labels():
     assert sum(traj.loss_mask) == 0  # teacher-only: no student tokens to train by outcome
 
 
+def test_offset_observations_have_a_minus_sign_only_past_the_goal():
+    """obs=offset: the goal's signed offset; the expert's own walks from a0 never show a '-', the
+    states past the goal's row or column (where up or left is the label) always do."""
+    assert offset_text((0, 0), (2, 3)) == "+2+3" and offset_text((3, 1), (2, 3)) == "-1+2"
+    for seed in range(30):
+        env = GridWalkEnv(slip=0.0, obs="offset")
+        seen = [env.reset(seed)]
+        while not env.done:
+            seen.append(env.step(env.expert_action()).observation)
+        assert seen[0] == offset_text((0, 0), env.goal) and seen[-1] == "goal"
+        assert not any("-" in o for o in seen), seen
+    env = GridWalkEnv(slip=0.0, obs="offset")
+    env.reset(0)
+    env.goal = (2, 3)
+    env.cell = (2, 1)
+    assert env.step("d").observation == "-1+2" and env.expert_action() == "u"
+
+
 @pytest.mark.parametrize("kwargs, match", [({"size": 11}, "size"), ({"slip": 1.0}, "slip"),
-                                           ({"max_turns": 0}, "max_turns")])
+                                           ({"max_turns": 0}, "max_turns"), ({"obs": "pixels"}, "obs")])
 def test_bad_config_is_refused_by_name(kwargs, match):
     with pytest.raises(ValueError, match=match):
         GridWalkEnv(**kwargs)
