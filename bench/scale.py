@@ -16,7 +16,7 @@ Each path runs in its own fresh process (an allocator keeps freed memory, so a s
 measurement in one process would see the first one's pages), sampling ``/proc/self/statm`` every
 2 ms on a thread (tracemalloc does not see torch tensors); the rise is the peak over the resident
 size right before the forward. The last line: ``scale: params=… peak_train_gb=… naive_peak_gb=…
-mem_ratio=… loss_diff=… grad_diff=… step_s=… bare_step_s=… ratio=… publish_s=… pad_frac=…`` (``pad_frac``: padded share of the micro-batch's
+mem_ratio=… loss_diff=… grad_diff=… pad_frac=… step_s=… publish_s=… publish_overhead=… reload_mem_ratio=… bare_step_s=… ratio=…`` (``pad_frac``: padded share of the micro-batch's
 token slots when rows of uneven length are padded to the widest; bucketing them by length into
 token-budget micro-batches is the trainer's ``trainer.max_tokens_per_micro_batch``).
 """
@@ -34,39 +34,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+from relaxrl.memory import PeakResident  # noqa: E402
+
 FULL = dict(vocab=151_936, hidden=256, layers=4, heads=4, rows=8, width=512, prompt=128)
 SMOKE = dict(vocab=60_000, hidden=64, layers=2, heads=2, rows=4, width=96, prompt=16)
-PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-
-def resident_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * PAGE
-
-
-class PeakSampler:
-    """Highest resident size seen while running, sampled every ``every_s`` on a thread."""
-
-    def __init__(self, every_s: float = 0.002) -> None:
-        self.every_s, self.peak, self._stop = every_s, 0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, resident_bytes())
-            time.sleep(self.every_s)
-
-    def __enter__(self) -> "PeakSampler":
-        self.peak = resident_bytes()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, resident_bytes())
-
-
 def row_lengths(shape: dict) -> list[int]:
     """Uneven rows: one at full width, the rest between a quarter and three quarters of it."""
     rows, width = shape["rows"], shape["width"]
@@ -106,8 +77,7 @@ def measure(path: str, shape: dict) -> dict:
 
     model, ids, attn, mask, adv = build(shape)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    before = resident_bytes()
-    with PeakSampler() as sampler:
+    with PeakResident() as sampler:
         if path == "lean":
             logp, _ = selected_token_logprobs(model, ids, attn, mask, 1.0)
         else:
@@ -115,7 +85,7 @@ def measure(path: str, shape: dict) -> dict:
         loss = -(logp * adv * mask).sum() / mask.sum()
         loss.backward()
     grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-    return {"path": path, "rise_bytes": sampler.peak - before, "loss": float(loss.detach()),
+    return {"path": path, "rise_bytes": sampler.peak - sampler.start, "loss": float(loss.detach()),
             "grad": grad[:: max(1, grad.numel() // 200_000)].tolist(),  # a fixed subsample to compare
             "params": sum(p.numel() for p in model.parameters())}
 
@@ -205,6 +175,16 @@ def dataset_file(path: str, rows: int = 64) -> str:
     return path
 
 
+def publish_overhead(records: list[dict]) -> float:
+    """Median over steps of the trainer's wait for the copy out of its new weights (``export_s``)
+    over its train time: what publication adds to the trainer's step (the put into the object store
+    runs after the trainer has moved on)."""
+    import statistics
+
+    return statistics.median(r["export_s"] / max(r["train_end"] - r["train_start"], 1e-9)
+                             for r in records)
+
+
 def step_seconds(ends: list[float]) -> float:
     """Median seconds per step after the first (which loads and warms up)."""
     import statistics
@@ -234,14 +214,23 @@ def end_to_end(model_dir: str | None, steps: int, smoke: bool) -> dict:
         with RoleMemory() as mem:
             summary, records = run(cfg)
         split = summary["stage_s_per_step"]
+        timed = records[1:] or records  # the first step loads and warms up
         out.update(step_s=step_seconds([r["wall_s"] for r in records]),
-                   publish_s=sum(r["publish_s"] for r in records[1:]) / max(len(records) - 1, 1))
+                   publish_s=sum(r["publish_s"] for r in timed) / len(timed),
+                   publish_overhead=publish_overhead(timed),
+                   reload_mem_ratio=summary.get("reload_resident_ratio") or float("nan"))
         print(f"RelaxRL through Serve, {steps} steps of {cfg.rollout.groups_per_step * cfg.rollout.group_size} samples:"
               f" per step " + ", ".join(f"{k} {v:.2f} s" for k, v in sorted(split.items()))
-              + f"; {records[-1]['publish_bytes'] / 1e9:.2f} GB published per version")
+              + f"; {records[-1]['publish_bytes'] / 1e9:.2f} GB published per version in parts of "
+              f"{cfg.weight_sync.bucket_mb:g} MB")
+        print(f"publication: the trainer waits {out['publish_overhead']:.1%} of its train time for the copy out "
+              f"(export_s over train_s, median of {len(timed)} steps); the whole publication took "
+              f"{out['publish_s']:.2f} s per version, the put overlapping what follows")
+        print(f"rollout replica during a weight load: peak resident {out['reload_mem_ratio']:.3f}x the resident "
+              "size just before it (the highest over the loads)")
         print("peak resident memory per role: " + ", ".join(f"{k} {v / 1024**3:.2f} GB"
                                                            for k, v in sorted(mem.peak.items())))
-    with PeakSampler() as bare_mem:
+    with PeakResident() as bare_mem:
         ends, stages = bare_loop(cfg, steps)
     out["bare_step_s"] = step_seconds(ends)
     print(f"bare loop, same steps in one process: {out['bare_step_s']:.2f} s per step, peak resident "

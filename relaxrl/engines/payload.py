@@ -93,6 +93,7 @@ def write_parts(parts: Iterable[WeightPayload]) -> list[str]:
     """Each part's tensors as a safetensors file in shared memory (``/dev/shm`` where there is one),
     for an engine core in another process (``read_parts``); the caller removes what is left."""
     import os
+    import shutil
     import tempfile
 
     from safetensors.torch import save_file
@@ -101,9 +102,13 @@ def write_parts(parts: Iterable[WeightPayload]) -> list[str]:
     folder = tempfile.mkdtemp(prefix="relaxrl-weights-", dir=root)
     paths = []
     seen: set[tuple] = set()
-    for i, part in enumerate(parts):
-        paths.append(os.path.join(folder, f"part-{i:04d}.safetensors"))
-        save_file(_distinct(part.tensors, seen), paths[-1])
+    try:
+        for i, part in enumerate(parts):
+            paths.append(os.path.join(folder, f"part-{i:04d}.safetensors"))
+            save_file(_distinct(part.tensors, seen), paths[-1])
+    finally:
+        if not paths or not os.path.exists(paths[-1]):  # nothing, or it failed half-way
+            shutil.rmtree(folder, ignore_errors=True)
     return paths
 
 

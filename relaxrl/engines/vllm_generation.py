@@ -17,6 +17,7 @@ every load, so no KV computed with old weights is reused.
 from __future__ import annotations
 
 import gc
+import itertools
 import json
 import logging
 import os
@@ -271,10 +272,14 @@ class VLLMGenerationEngine:
         self.load_weight_parts([payload])
 
     def load_weight_parts(self, parts: Iterable[WeightPayload]) -> None:
-        parts = list(parts)
-        if not parts:
+        """Parts are taken one at a time, as they are loaded (a caller may give each one's memory
+        back when the next is asked for)."""
+        parts = iter(parts)
+        first = next(parts, None)
+        if first is None:
             raise ValueError("a weight update with no parts")
-        check_payload_kind(parts[0], self.lora_on)
+        check_payload_kind(first, self.lora_on)
+        version, parts = int(first.version), itertools.chain([first], parts)
         if self.lora_on:
             self._load_adapter(merged(parts))
         elif self._in_process:
@@ -286,7 +291,7 @@ class VLLMGenerationEngine:
             finally:
                 remove_parts(paths)
         self.llm.reset_prefix_cache()
-        self.version = int(parts[0].version)
+        self.version = version
 
     def join_weight_group(self, host: str, port: int, world_size: int, rank_offset: int = 1) -> None:
         """Every worker joins the NCCL group trainer rank 0 broadcasts on (GPU only; blocks until
@@ -488,7 +493,7 @@ class StreamingVLLMEngine:
         self.load_weight_parts([payload])
 
     def load_weight_parts(self, parts: Iterable[WeightPayload]) -> None:
-        self._call(self._swap(list(parts)))
+        self._call(self._swap(parts))
 
     async def aload_weights(self, payload: WeightPayload) -> None:
         await self.aload_weight_parts([payload])
@@ -496,25 +501,33 @@ class StreamingVLLMEngine:
     async def aload_weight_parts(self, parts: Iterable[WeightPayload]) -> None:
         """``load_weights`` awaitable from any loop: requests in flight keep streaming until the
         engine's next step boundary, then continue under the new weights."""
-        await self._on_engine_loop(self._swap(list(parts)))
+        await self._on_engine_loop(self._swap(parts))
 
     def load_state_iterator(self, tensors, version: int) -> None:
         """Full weights as ``(name, tensor)`` pairs (the broadcast receiver's path)."""
         self.load_weights(WeightPayload(int(version), "full", tensors=dict(tensors)))
 
-    async def _swap(self, parts: list[WeightPayload]) -> None:
+    async def _swap(self, parts: Iterable[WeightPayload]) -> None:
         """Pause between engine steps, load ``parts`` into the engine core (shared-memory files: it
         runs in its own process), stamp the new version, resume."""
+        import asyncio
         import time
 
-        if not parts:
-            raise ValueError("a weight update with no parts")
-        check_payload_kind(parts[0], False)
-        version, nbytes = int(parts[0].version), sum(p.nbytes for p in parts)
-        import asyncio
+        seen: list[WeightPayload] = []
+
+        def each():
+            for part in parts:
+                if not seen:
+                    check_payload_kind(part, False)
+                seen.append(part)
+                yield part
 
         # Written before pausing, off the engine's loop: generation goes on meanwhile.
-        paths = await asyncio.get_running_loop().run_in_executor(None, write_parts, parts)
+        paths = await asyncio.get_running_loop().run_in_executor(None, lambda: write_parts(each()))
+        if not seen:
+            raise ValueError("a weight update with no parts")
+        version, nbytes = int(seen[0].version), sum(p.nbytes for p in seen)
+        seen.clear()
         async with self._weights_lock:
             start = time.perf_counter()
             # keep: requests stay queued, preempted (KV freed) and prefilled again on resume

@@ -202,6 +202,7 @@ class Actor:
         metrics = self.engine.train_step(batch, self.algorithm.loss, **self._step_kwargs)
         end = time.time()
         copied = self.engine.export_weights() if self._publishes_to_store else None
+        metrics["export_s"] = time.time() - end  # the copy the next step must wait for; the put overlaps it
         return metrics, end, copied
 
     @property

@@ -310,7 +310,9 @@ class Rollout:
                 "sync_bytes": self.weights.sync_bytes + (self.receiver.stats.bytes if self.receiver else 0),
                 "broadcast_loads": self.receiver.loads if self.receiver else 0,
                 "broadcast_s": self.receiver.stats.seconds if self.receiver else 0.0,
-                "sync_failures": self.weights.failures}
+                "sync_failures": self.weights.failures,
+                # the highest resident size during a weight load over the size just before it
+                "reload_resident_ratio": self.weights.max_reload_ratio}
 
     def check_health(self) -> None:
         self.watch.check()
