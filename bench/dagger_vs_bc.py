@@ -47,8 +47,13 @@ ENVS = {
     "calculator": {"name": "calculator", "ops": ["+"], "min_operand": 10, "max_operand": 99, "max_turns": 4,
                    "max_action_tokens": 14},
     "guess": {"name": "guess", "high": 15, "max_turns": 5, "max_action_tokens": 4},
-    "gridwalk": {"name": "gridwalk", "size": 6, "slip": 0.3, "max_turns": 20, "max_action_tokens": 2, "obs": "cells"},
+    "gridwalk": {"name": "gridwalk", "size": 6, "slip": 0.0, "max_turns": 20, "max_action_tokens": 2, "obs": "cells"},
 }
+
+
+# The student: the default tiny Qwen2 (2 layers, width 128), or a smaller one that cannot fit the expert exactly.
+MODELS = {"tiny": {}, "small": {"hidden_size": 64, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1,
+                                "intermediate_size": 128}}
 
 
 def method_config(method: str, a: argparse.Namespace):
@@ -83,7 +88,8 @@ def model_dir_for(a: argparse.Namespace, seed: int) -> str:
     from relaxrl.models.loading import prepare_tiny_model_dir
 
     # A student's early, random episodes run past the default 256 positions (invalid actions are long).
-    return prepare_tiny_model_dir(cache_dir=a.cache_dir, model_kwargs={"seed": seed, "max_position_embeddings": 512},
+    size = {} if a.model == "tiny" else MODELS[a.model]
+    return prepare_tiny_model_dir(cache_dir=a.cache_dir, model_kwargs={"seed": seed, "max_position_embeddings": 512, **size},
                                   warm_start_pairs_fn=None, warm_start={}, key_extra={"purpose": "dagger_bench"})
 
 
@@ -206,20 +212,21 @@ def report(runs: dict, a: argparse.Namespace, wall_s: float) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--env", choices=sorted(ENVS), default="gridwalk")
-    p.add_argument("--labels", type=int, default=1000, help="teacher-label budget of DAgger and BC")
-    p.add_argument("--steps", type=int, default=200, help="optimizer steps of every method")
+    p.add_argument("--labels", type=int, default=1600, help="teacher-label budget of DAgger and BC")
+    p.add_argument("--steps", type=int, default=400, help="optimizer steps of every method")
     p.add_argument("--episodes-per-iter", type=int, default=16)
     p.add_argument("--steps-per-iter", type=int, default=20)
-    p.add_argument("--decay-iters", type=int, default=5, help="DAgger: iterations for beta 1 -> 0")
-    p.add_argument("--hold-iters", type=int, default=0, help="DAgger: iterations at beta = 1 before the decay")
+    p.add_argument("--decay-iters", type=int, default=4, help="DAgger: iterations for beta 1 -> 0")
+    p.add_argument("--hold-iters", type=int, default=8, help="DAgger: iterations at beta = 1 before the decay")
     p.add_argument("--env-set", action="append", default=[], metavar="KEY=VALUE", help="override an env setting")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--buffer-size", type=int, default=4096)
     p.add_argument("--grpo-group", type=int, default=8)
     p.add_argument("--eval-episodes", type=int, default=64)
-    p.add_argument("--eval-every", type=int, default=5, help="collections between held-out evaluations")
+    p.add_argument("--eval-every", type=int, default=4, help="collections between held-out evaluations")
     p.add_argument("--max-turns", type=int, default=0, help="the env's turn limit; 0: the ENVS entry's")
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--model", choices=sorted(MODELS), default="tiny", help="the student's size")
+    p.add_argument("--lr", type=float, default=1e-3, help="3e-3 (the default until 2026-12-03) made the students' training unstable")
     p.add_argument("--seeds", default="0,1,2", help="model-init and run seeds; the summary is their median")
     p.add_argument("--methods", default="dagger,bc,grpo")
     p.add_argument("--workers", type=int, default=2, help="(method, seed) runs in parallel processes")
@@ -229,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--smoke", action="store_true", help="4 steps of each method, 2 seeds, 6-turn episodes, in this process, no plot")
     a = p.parse_args(argv)
     if a.smoke:
-        a.steps, a.labels, a.episodes_per_iter, a.steps_per_iter, a.decay_iters = 4, 24, 4, 2, 2
+        a.steps, a.labels, a.episodes_per_iter, a.steps_per_iter, a.decay_iters, a.hold_iters = 4, 24, 4, 2, 2, 0
         a.batch_size, a.grpo_group, a.eval_episodes, a.eval_every, a.workers = 8, 4, 4, 2, 1
         a.seeds, a.max_turns, a.plot = "0,1", a.max_turns or 6, a.plot or ""  # short episodes: seconds
     if a.plot is None:  # one plot per env: one env's run must not overwrite another's
