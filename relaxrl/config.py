@@ -134,7 +134,9 @@ class RolloutConfig:
     # Each request streams on its own (continuous batching) and weights load in flight, between
     # engine steps (docs/engines.md). Off: Serve batches requests into one generate call each.
     streaming: bool = False
-    stream_chunk_tokens: int = 16  # streaming with engine=hf: tokens per chunk (weights change between chunks)
+    # streaming: hf: tokens per chunk (weights change between chunks); vllm: the tokens a partial rollout
+    # record grows by at a time (what a checkpoint keeps of a response in flight)
+    stream_chunk_tokens: int = 16
     # A weight update landing on a streaming generation (relaxrl/partial.py): continue (its tokens keep
     # their versions; aborted only past its staleness deadline) or abort (generated again from its
     # prompt under the new weights). continue is the default: abort rejects exactly the generations

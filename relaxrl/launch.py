@@ -260,6 +260,7 @@ def start_roles(cfg: DictConfig, model_dir: str, required_fields: tuple[str, ...
             seed=cfg.seed,
             streaming=r.streaming,
             partial=r.partial,
+            record_partials=cfg.trainer.checkpoint_every > 0,  # what a checkpoint in the run would keep
             stream_chunk_tokens=r.stream_chunk_tokens,
             max_staleness=r.max_staleness,
             weight_sync=sync,

@@ -67,9 +67,11 @@ def to_generation(
     return Generation(response_ids=ids, logprobs=lps, finish_reason="stop" if stopped else "length")
 
 
-def vllm_sampling(params: SamplingParams, n: int, eos_ids: Sequence[int], *, final_only: bool = False) -> list:
+def vllm_sampling(params: SamplingParams, n: int, eos_ids: Sequence[int], *, final_only: bool = False,
+                  delta: bool = False) -> list:
     """One vLLM ``SamplingParams`` per request (each its own seed); ``final_only``: an async request
-    yields once, when it ends (no per-step output to process in Python)."""
+    yields once, when it ends (no per-step output to process in Python); ``delta``: each output
+    holds only the tokens new since the one before."""
     from vllm import SamplingParams as VSamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -81,7 +83,8 @@ def vllm_sampling(params: SamplingParams, n: int, eos_ids: Sequence[int], *, fin
     if params.max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {params.max_new_tokens}")
     greedy = params.temperature <= 0
-    kind = RequestOutputKind.FINAL_ONLY if final_only else RequestOutputKind.CUMULATIVE  # CUMULATIVE: vLLM's default
+    kind = (RequestOutputKind.FINAL_ONLY if final_only else RequestOutputKind.DELTA if delta
+            else RequestOutputKind.CUMULATIVE)  # CUMULATIVE: vLLM's default
     return [
         VSamplingParams(
             n=1,
@@ -387,6 +390,8 @@ class StreamingVLLMEngine:
     when there is one worker. Weights reach it through ``collective_rpc`` (see ``load_weights``).
     """
 
+    reports_tokens = True  # agenerate(..., on_tokens=...): the rollout keeps partial rollouts from it
+
     def __init__(
         self,
         model_dir: str,
@@ -396,6 +401,7 @@ class StreamingVLLMEngine:
         options: VLLMOptions | dict | None = None,
         seed: int = 0,
         work_dir: Optional[str] = None,
+        report_tokens: int = 16,
     ) -> None:
         import asyncio
         import threading
@@ -427,6 +433,7 @@ class StreamingVLLMEngine:
         self.load_bytes = 0  # weight bytes handed to the engine core, all versions
         self.last_load: dict[str, float] = {}
         self.tokens_streamed = 0  # response tokens of the requests finished so far
+        self.report_tokens = max(1, int(report_tokens))  # on_tokens: at least this many new tokens a call
         self._next_id = 0
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="vllm-async-engine")
@@ -459,32 +466,59 @@ class StreamingVLLMEngine:
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Generation]:
         return self._call(self._generate_all(prompts, params))
 
-    async def agenerate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Generation]:
-        return await self._on_engine_loop(self._generate_all(prompts, params))
+    async def agenerate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                        on_tokens=None) -> list[Generation]:
+        """``on_tokens(index, ids, logprobs, version, finish_reason)``, if given, is called with each
+        response's new tokens at least every ``report_tokens`` tokens and at its end (what the
+        rollout keeps of a partial rollout, ``relaxrl.partial``)."""
+        return await self._on_engine_loop(self._generate_all(prompts, params, on_tokens))
 
-    async def _generate_all(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Generation]:
+    async def _generate_all(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                            on_tokens=None) -> list[Generation]:
         import asyncio
+        import functools
 
         if not prompts:
             return []
         if any(len(p) == 0 for p in prompts):
             raise ValueError("generate() needs non-empty prompts")
-        sampling = vllm_sampling(params, len(prompts), self.eos_ids, final_only=True)
-        return list(await asyncio.gather(*(self._one(p, sp) for p, sp in zip(prompts, sampling))))
+        sampling = vllm_sampling(params, len(prompts), self.eos_ids, final_only=on_tokens is None,
+                                 delta=on_tokens is not None)
+        hooks = [None if on_tokens is None else functools.partial(on_tokens, i) for i in range(len(prompts))]
+        return list(await asyncio.gather(*(self._one(p, sp, h) for p, sp, h in zip(prompts, sampling, hooks))))
 
-    async def _one(self, prompt: Sequence[int], sampling) -> Generation:
-        """One request: it runs in the engine's batch on its own and yields once, when it ends."""
+    async def _one(self, prompt: Sequence[int], sampling, on_tokens=None) -> Generation:
+        """One request: it runs in the engine's batch on its own and yields when it ends (with
+        ``on_tokens``: also its new tokens as they come, in ``report_tokens`` batches)."""
         self._next_id += 1
         rid = f"relaxrl-{self._next_id}"
         start_version = self.version
+        ids: list[int] = []
+        lps: list = []
+        reported = 0
         last = None
         async for out in self.llm.generate({"prompt_token_ids": [int(t) for t in prompt]}, sampling, rid):
             last = out.outputs[0]
+            if on_tokens is None:
+                continue
+            ids += last.token_ids
+            lps += last.logprobs or []
+            if len(ids) - reported >= self.report_tokens and not out.finished:
+                # Labelled with the version the request started under: no token of it is older, so
+                # the record is never fresher than the truth (the final spans are exact).
+                part = to_generation(ids[reported:], lps[reported:], (), "")
+                on_tokens(part.response_ids, part.logprobs, start_version, "")
+                reported = len(ids)
         if last is None:
             raise RuntimeError(f"vLLM request {rid} ended without an output")
-        gen = to_generation(last.token_ids, last.logprobs, self.eos_ids, last.finish_reason or "length")
+        if on_tokens is None:
+            ids, lps = list(last.token_ids), last.logprobs
+        gen = to_generation(ids, lps, self.eos_ids, last.finish_reason or "length")
         gen.token_versions = spans_to_versions(last.weight_versions, len(gen.response_ids), start_version)
         self.tokens_streamed += len(gen.response_ids)
+        if on_tokens is not None:
+            rest = slice(reported, None)
+            on_tokens(gen.response_ids[rest], gen.logprobs[rest], start_version, gen.finish_reason)
         return gen
 
     # ------------------------------------------------------------------ weights

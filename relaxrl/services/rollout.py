@@ -69,6 +69,7 @@ class Rollout:
         stream_chunk_tokens: int = 16,
         max_staleness: int = 1,
         partial: str = "continue",
+        record_partials: bool = True,
     ) -> None:
         from relaxrl.engines.factory import check_sampling, make_generation_engine
         from relaxrl.faults import RequestWatch
@@ -87,6 +88,9 @@ class Rollout:
             )
         self.max_staleness = int(max_staleness)
         self.partial = partial
+        # Keep a record of each group in flight for the next checkpoint (off when the run writes none
+        # while it goes: the vLLM engine then yields once per request, with no Python per step).
+        self.record_partials = bool(record_partials)
         self.partial_aborted = 0  # groups generated again after an update left them untrainable (or mode=abort)
         self.partials_continued = 0  # resumed groups that went on from their recorded tokens
         self.partials_discarded = 0  # resumed groups whose record the bound (or mode=abort) refused
@@ -215,7 +219,7 @@ class Rollout:
         def hook(index: Optional[int] = None) -> dict:
             """``on_tokens`` into the group's record, for an engine that reports its chunks;
             ``index``: the response every prompt of the call continues (else the prompt's own)."""
-            if not getattr(self.engine, "reports_tokens", False):
+            if not (self.record_partials and getattr(self.engine, "reports_tokens", False)):
                 return {}
             return {"on_tokens": lambda i, *args: self._extend(entry, i if index is None else index, *args)}
 
@@ -375,7 +379,7 @@ def make_streaming_engine(engine: str, model_dir: str, *, lora: Optional[dict], 
         from relaxrl.engines.vllm_generation import StreamingVLLMEngine
 
         return StreamingVLLMEngine(model_dir, lora=LoraConfig(**lora) if lora else None, dtype=dtype, options=vllm,
-                                   seed=seed)
+                                   seed=seed, report_tokens=chunk_tokens)
     from relaxrl.engines.hf_generation import StreamingHFEngine
 
     return StreamingHFEngine(make_generation_engine(engine, model_dir, lora=lora, dtype=dtype,

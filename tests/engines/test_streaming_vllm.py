@@ -4,6 +4,7 @@ without vllm, as the other vLLM cases: they run in ``.ci/engines``)."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -67,7 +68,13 @@ def test_weight_update_lands_while_requests_are_in_flight(engine, base_model, ot
     base_v = engine.version
     params = SamplingParams(temperature=1.0, max_new_tokens=400, seed=9)
     out: list = []
-    streaming = threading.Thread(target=lambda: out.extend(engine.generate(prompts[:8], params)))
+    reports: dict[int, list] = {i: [] for i in range(8)}  # what a rollout keeps of a partial rollout
+
+    def on_tokens(i, ids, logprobs, version, finish):
+        reports[i].append((list(ids), list(logprobs), version, finish))
+
+    streaming = threading.Thread(target=lambda: out.extend(asyncio.run(engine.agenerate(prompts[:8], params,
+                                                                                       on_tokens=on_tokens))))
     streaming.start()
     time.sleep(0.01)
     # A short request joins the running batch after the long ones; when it ends, each of them
@@ -92,5 +99,14 @@ def test_weight_update_lands_while_requests_are_in_flight(engine, base_model, ot
         print(f"{len(mixed)}/8 requests span the update; {len(after)} tokens after it; "
               f"max |logp - HF(own version)| = {diff:.2e}; |logp - HF(old)| after it = {moved:.2f}")
         assert diff < TOL and moved > 0.1
+        for i, g in enumerate(out):  # the reports add up to the result, and are never fresher than it
+            got = reports[i]
+            assert len(got) >= len(g.response_ids) // engine.report_tokens  # a report every report_tokens
+            assert got[-1][3] == g.finish_reason and all(not r[3] for r in got[:-1])
+            assert [t for r in got for t in r[0]] == g.response_ids
+            assert [x for r in got for x in r[1]] == pytest.approx(g.logprobs, abs=0)
+            versions = [r[2] for r in got for _ in r[0]]
+            assert all(v <= true for v, true in zip(versions, g.token_versions))
+        assert max(len(r) for r in reports.values()) > 4
     finally:
         engine.load_weights(pack_weights(base_model.state_dict(), version=new_v + 1, kind="full"))
