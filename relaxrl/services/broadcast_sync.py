@@ -157,6 +157,9 @@ class BroadcastReceiver:
         self.stats = SyncStats()
         self.loads = 0
         self.error: Optional[BaseException] = None
+        # Called with each version once it is loaded, on the receiver's thread (a streaming rollout
+        # decides there what the generations in flight do: relaxrl.partial).
+        self.on_loaded: Optional[Any] = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="weight-receiver")
         self._thread.start()
@@ -184,6 +187,8 @@ class BroadcastReceiver:
                 with self.lock:
                     load_received(self.engine, received, version)
                 del received
+                if self.on_loaded is not None:
+                    self.on_loaded(int(version))
                 self.stats.seconds += time.perf_counter() - start
                 self.stats.bytes += sum(b.nbytes for b in plan)
                 self.stats.buckets += len(plan)

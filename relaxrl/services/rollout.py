@@ -299,7 +299,11 @@ class Rollout:
     def _follow(self) -> None:
         """Start the background task that loads each published version in flight (once, on the
         replica's event loop)."""
-        if self._following is None and self.receiver is None:
+        if self.receiver is not None:  # broadcast: the receiver loads; each load's decision runs on this loop
+            if self.receiver.on_loaded is None:
+                loop = asyncio.get_running_loop()
+                self.receiver.on_loaded = lambda v: loop.call_soon_threadsafe(self._on_loaded, v)
+        elif self._following is None:
             self._following = asyncio.ensure_future(self.weights.follow(self._on_loaded))
 
     def _generate(self, prompts, params):

@@ -17,7 +17,7 @@ from relaxrl.partial import PartialGroup, PartialResponse, continuation, finishe
 from relaxrl.queue import QueueActor, StalenessQueue, group_name
 from relaxrl.sample import Sample
 
-from tests.engines.contract.conftest import base_model, model_dir, prompts, tokenizer  # noqa: F401 (fixtures)
+from tests.engines.contract.conftest import base_model, model_dir, other_model, prompts, tokenizer  # noqa: F401 (fixtures)
 from tests.engines.contract.helpers import TOL, max_diff, reference_logprobs
 
 FIELDS = ("response_ids", "behaviour_logprobs", "reward")
@@ -245,5 +245,46 @@ def test_the_rollout_records_a_group_in_flight_and_continues_a_record_from_its_k
         assert all(s.policy_version == 2 and not s.token_versions for s in samples)  # generated afresh
         assert samples[0].response_ids[:3] != [11, 12, 13] or samples[1].response_ids != [21, 22]
         assert role.stats()["partials_discarded"] == 1
+    finally:
+        role.engine.close()
+
+
+def test_a_broadcast_load_is_a_decision_point_for_the_generations_in_flight(model_dir, other_model, prompts):
+    """With weight_sync.method=broadcast the receiver thread loads each version; the streaming
+    rollout must then decide what its generations in flight do, as the object-store follower does
+    (``partial=abort``: the group an update lands on is generated again, under the new weights).
+    The receiver here is a stand-in holding the hook the rollout sets; the load is the engine's."""
+    import threading
+    import types
+
+    from relaxrl.engines.payload import pack_weights
+    from relaxrl.groups import GroupRequest
+
+    role = rollout_role(model_dir, 200, max_staleness=1, partial="abort")
+    role.receiver = types.SimpleNamespace(on_loaded=None, check=lambda: None)  # check: no receiver error
+    try:
+        request = GroupRequest(group_id="g0", prompt_ids=list(prompts[0]), n=2, seed=7)
+
+        def receive():  # what BroadcastReceiver._run does for a version: load it, then call the hook
+            role.engine.load_weights(pack_weights(other_model.state_dict(), version=1, kind="full"))
+            if role.receiver.on_loaded is not None:
+                role.receiver.on_loaded(1)
+
+        async def in_flight():
+            task = asyncio.ensure_future(role.generate([request]))
+            for _ in range(5000):
+                if role.records() and not task.done():
+                    break
+                await asyncio.sleep(0.001)
+            assert not task.done(), "the group finished before the update could land"
+            thread = threading.Thread(target=receive)
+            thread.start()
+            samples = await task
+            thread.join()
+            return samples
+
+        samples = asyncio.run(in_flight())
+        assert role.partial_aborted == 1
+        assert all(s.policy_version == 1 and not s.token_versions for s in samples)  # all under the new weights
     finally:
         role.engine.close()

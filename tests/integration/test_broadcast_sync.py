@@ -36,3 +36,4 @@ def test_broadcast_sync_rejects_lora(tmp_path, model_cache):
         sync_settings(cfg, "x")
     with pytest.raises(ValueError, match="weight_sync.method must be one of"):
         sync_settings(make_cfg(tmp_path, model_cache, "weight_sync.method=nccl"), "x")
+
