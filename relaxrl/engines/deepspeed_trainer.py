@@ -26,8 +26,7 @@ import torch
 
 from relaxrl.engines.base import LossFn, WeightPayload
 from relaxrl.engines.device import log_model
-from relaxrl.engines.lean_logprobs import batched_token_logprobs
-from relaxrl.engines.logprobs import token_logprobs
+from relaxrl.engines.lean_logprobs import batched_token_logprobs, selected_token_logprobs
 from relaxrl.engines.microbatch import rank_micro_batches, row_lengths, take_rows
 from relaxrl.engines.options import DeepSpeedOptions
 from relaxrl.engines.payload import pack_weights
@@ -194,7 +193,10 @@ class DeepSpeedTrainerEngine:
         for i, rows in enumerate(plans):
             mb = batch_to(take_rows(batch, rows or [0]), self.device)  # a filler: row 0, at weight 0
             self.engine.set_gradient_accumulation_boundary(i == len(plans) - 1)
-            logp = token_logprobs(self.engine, mb.input_ids, mb.attention_mask, self.temperature)
+            # The lean path, as the torch engine: log-probs at the loss mask's positions only, the
+            # output head in chunks (full [B, T, vocab] logits at a 152k vocabulary are GBs a micro-batch).
+            logp, _ = selected_token_logprobs(self.model, mb.input_ids, mb.attention_mask, mb.loss_mask,
+                                              self.temperature)
             loss, metrics = loss_fn(logp, mb)
             # DeepSpeed averages gradients over ranks; the losses are whole-batch sums of shares.
             self.engine.backward(loss * (self.world_size if rows else 0.0))
