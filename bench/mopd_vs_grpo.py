@@ -1,14 +1,18 @@
-"""MOPD vs GRPO on mixed data after sequential training forgets a domain (tiny model, CPU, fixed seeds).
+"""MOPD vs GRPO on mixed data after sequential training forgets a domain (tiny model, CPU, in-process).
 
-    python bench/mopd_vs_grpo.py [--out docs/img] [--steps 60] [--grpo-steps 120] [--seeds 0,1,2] [Hydra overrides ...]
+    python bench/mopd_vs_grpo.py [--out docs/img] [--steps 150] [--grpo-steps 450] [--seeds 0,1,2] [key=value ...]
+    python bench/mopd_vs_grpo.py --smoke                                # seconds: what the test suite runs
     python bench/mopd_vs_grpo.py --report docs/img/mopd_vs_grpo.json   # summary and plot again, no runs
 
-Per seed (Hydra ``seed=S``) it runs the ``mopd_toy`` pipeline (GRPO on add -> GRPO on sub -> MOPD over
-add and sub, teachers from the checkpoint registry) plus a fourth stage, GRPO on the mixed add+sub data,
-started from the same post-sub checkpoint as MOPD. Both comparison stages are evaluated (greedy, per
-domain) after every step. A method *reaches* its target at the first step at which both domains are at
->= 95% of their teacher's registered score; a method that never gets there within its budget
-(``--steps``, ``--grpo-steps``) is reported as ``reached=no`` and gives no step count, so no ratio.
+The experiment is ``bench/_mopd_toy.py`` (``key=value`` sets its ``ToyConfig`` fields): two domains with
+the prompt format ``a?b=``, add and sub; stage A (warm start + GRPO on add) and stage B (warm start +
+GRPO on sub, which erodes add) are built once for the config (fixed seed) and cached on disk
+(``--cache-dir``); their best checkpoints are the domain teachers. Per seed, from the same post-B
+checkpoint: MOPD with the two teachers and GRPO on the add+sub mix, the same samples per step and
+optimizer, greedy accuracy per domain on a fixed eval set (its standard error is printed) after every
+step. A method *reaches* its target at the first step at which both domains are at >= 95% of their
+teacher's score; a method that never gets there within its budget (``--steps``, ``--grpo-steps``) is
+reported as ``reached=no`` and gives no step count, so no ratio.
 
 Prints one line per seed (``reached=yes|no`` for each method), then the summary line
 
@@ -27,7 +31,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -37,9 +40,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from bench.plotting import save_plot  # noqa: E402  (after the path insert)
+from bench import _mopd_toy as toy  # noqa: E402  (after the path insert)
+from bench.plotting import save_plot  # noqa: E402
 
-TARGET = 0.95
+TARGET = toy.TARGET
 METHODS = ("MOPD", "GRPO on mixed data")
 
 
@@ -143,7 +147,7 @@ def draw(runs: dict[int, dict]) -> Callable:
                 ax.legend(loc="best", fontsize=7, framealpha=0.6)
             row[0].set_ylabel("greedy eval accuracy")
         for ax in axes[-1]:
-            ax.set_xlabel("optimizer step (from the post-sub checkpoint)")
+            ax.set_xlabel("optimizer step (from the post-B checkpoint)")
         fig.tight_layout()
         return fig
     return fig_of
@@ -186,57 +190,68 @@ def load_runs(path: str) -> dict[int, dict]:
     return {0: {k: data[k] for k in ("teachers", "curves", "budget", "stage_final_eval")}}
 
 
-def run_seed(seed: int, args: argparse.Namespace) -> dict:
-    from hydra import compose, initialize_config_module
+SMOKE = {"base_sft_steps": 20, "sft_steps": (10, 5), "rl_steps": (2, 2), "stage_eval_every": 1, "eval_size": 32,
+         "groups": 4, "group_size": 4, "num_layers": 1}
 
-    import relaxrl.config  # noqa: F401  (registers the schemas)
-    from relaxrl.pipeline.config import StageConfig
-    from relaxrl.pipeline.runner import run_pipeline
 
-    run_dir = os.path.join(args.run_dir or tempfile.mkdtemp(prefix="mopd_vs_grpo-"), f"seed_{seed}")
-    with initialize_config_module(config_module="relaxrl.conf", version_base=None):
-        cfg = compose(config_name="config", overrides=[
-            "+experiment=mopd_toy", f"run_dir={run_dir}", f"seed={seed}", "logger.progress=false",
-            "ray.num_cpus=2", *args.overrides,
-        ])
-    mopd = cfg.pipeline.stages[-1]
-    mopd.steps, mopd.eval_every = args.steps, 1
-    post_b = cfg.pipeline.stages[-2].name  # both methods start from the post-B checkpoint
-    cfg.pipeline.stages.append(StageConfig(name="grpo_mix", algorithm={"name": "grpo"}, init_from=post_b,
-                                           steps=args.grpo_steps, eval_every=1))
+def parse_overrides(items: list[str], base: dict | None = None) -> toy.ToyConfig:
+    """``key=value`` items as ``ToyConfig`` fields (tuples as ``a,b``); an unknown key is an error naming the valid ones."""
+    fields = toy.ToyConfig.__dataclass_fields__
+    kw = dict(base or {})
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise SystemExit(f"mopd_vs_grpo: bad override {item!r}; expected key=value with key one of {sorted(fields)}")
+        default = getattr(toy.ToyConfig(), key)
+        kw[key] = (tuple(int(v) for v in value.split(",")) if isinstance(default, tuple)
+                   else type(default)(value))
+    return toy.ToyConfig(**kw)
+
+
+def eval_line(ckpt: dict, cfg: toy.ToyConfig) -> str:
+    """The teachers' and the post-B checkpoint's eval scores with their binomial standard errors."""
+    n = cfg.eval_size
+    part = lambda scores: " ".join(f"{d}={a:.3f} (se {toy.standard_error(a, n):.4f})" for d, a in scores.items())  # noqa: E731
+    return (f"eval: {n} fixed prompts per domain, standard error <= {toy.standard_error(0.5, n):.4f} at any accuracy; "
+            f"teachers {part(ckpt['teachers'])}; post-B {part(ckpt['post_b_eval'])}")
+
+
+def run_seed(seed: int, ckpt: dict, cfg: toy.ToyConfig, args: argparse.Namespace) -> dict:
     t0 = time.time()
-    result = run_pipeline(cfg)
-    stages = result["stages"]
-    curves = {METHODS[0]: read_eval(stages[mopd.name]["run_dir"]), METHODS[1]: read_eval(stages["grpo_mix"]["run_dir"])}
-    run = {"teachers": result["teachers"], "curves": curves, "budget": {"mopd": args.steps, "grpo_mix": args.grpo_steps},
-           "stage_final_eval": {name: stages[name]["eval"] for name in stages}, "wall_s": time.time() - t0}
-    for name, ev in run["stage_final_eval"].items():
-        print(f"seed {seed} stage {name:10s} " + " ".join(f"{d}={v['accuracy']:.3f}" for d, v in ev.items()))
-    return run
-
-
-def read_eval(stage_dir: str) -> list[dict]:
-    with open(os.path.join(stage_dir, "eval.jsonl")) as f:
-        return [json.loads(line) for line in f]
+    curves = {METHODS[0]: toy.run_method("mopd", ckpt, cfg, seed, args.steps),
+              METHODS[1]: toy.run_method("grpo_mix", ckpt, cfg, seed, args.grpo_steps)}
+    return {"teachers": ckpt["teachers"], "curves": curves, "budget": {"mopd": args.steps, "grpo_mix": args.grpo_steps},
+            "post_b_eval": ckpt["post_b_eval"], "wall_s": time.time() - t0}
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="docs/img", help="where the plot and the JSON results go")
-    parser.add_argument("--steps", type=int, default=60, help="step budget of MOPD")
-    parser.add_argument("--grpo-steps", type=int, default=120, help="step budget of GRPO on the mixed data")
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds, one pipeline run each")
-    parser.add_argument("--run-dir", default=None, help="pipeline run directories go here (default: a temp dir)")
+    parser.add_argument("--out", default=None,
+                        help="where the plot and the JSON results go (default docs/img; --smoke: none written)")
+    parser.add_argument("--steps", type=int, default=150, help="step budget of MOPD")
+    parser.add_argument("--grpo-steps", type=int, default=450, help="step budget of GRPO on the mixed data")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds of the two comparison runs")
+    parser.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/relaxrl"),
+                        help="the teachers and the post-B checkpoint are cached here, by config and code")
+    parser.add_argument("--smoke", action="store_true", help="a tiny config and budgets (seconds), no plot by default")
     parser.add_argument("--report", default=None, help="no runs: summarise and plot this results JSON again")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides applied to +experiment=mopd_toy")
+    parser.add_argument("overrides", nargs="*", help="ToyConfig fields, key=value (bench/_mopd_toy.py)")
     args = parser.parse_args(argv)
+    if args.out is None and not args.smoke:
+        args.out = "docs/img"
     if args.report:
         return report(load_runs(args.report), args.out)
+    if args.smoke:
+        args.steps, args.grpo_steps = min(args.steps, 3), min(args.grpo_steps, 3)
+    cfg = parse_overrides(args.overrides, SMOKE if args.smoke else None)
     seeds = [int(s) for s in args.seeds.split(",")]
     t0 = time.time()
-    runs = {seed: run_seed(seed, args) for seed in seeds}
+    ckpt = toy.build_checkpoints(cfg, args.cache_dir)
+    print(eval_line(ckpt, cfg), flush=True)
+    runs = {seed: run_seed(seed, ckpt, cfg, args) for seed in seeds}
     print(f"wall_s={time.time() - t0:.0f}")
-    return report(runs, args.out, extra={"overrides": list(args.overrides)})
+    return report(runs, args.out, extra={"config": asdict(cfg), "stages": ckpt["stages"],
+                                          "build_s": ckpt["build_s"], "wall_s": time.time() - t0})
 
 
 if __name__ == "__main__":

@@ -1,0 +1,51 @@
+"""bench/mopd_vs_grpo.py's smoke run (in-process, no Ray, seconds) and its teacher cache."""
+
+import json
+from dataclasses import replace
+
+import mopd_vs_grpo
+import pytest
+
+from bench import _mopd_toy as toy
+
+
+def test_smoke_run_reports_per_seed_then_the_summary(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(mopd_vs_grpo, "save_plot", lambda *a, **k: False)
+    argv = ["--smoke", "--seeds", "0", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out")]
+    summary = mopd_vs_grpo.main(argv)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("stage add: step 0: add="), lines[0]  # the stages were built (not cached)
+    evals = [x for x in lines if x.startswith("eval: ")]
+    assert len(evals) == 1 and evals[0].startswith("eval: 32 fixed prompts per domain, standard error <= 0.0884"), evals
+    assert lines[-2].startswith("seed 0: targets add=") and " mopd reached=" in lines[-2], lines[-2]
+    assert lines[-1].startswith("mopd_vs_grpo: step_ratio=") and " seeds=1 " in lines[-1], lines[-1]
+    saved = json.loads((tmp_path / "out" / "mopd_vs_grpo.json").read_text())
+    assert saved["summary"] == summary and saved["config"]["eval_size"] == 32
+    curve = saved["runs"]["0"]["curves"]["MOPD"]
+    assert curve[0]["step"] == 0 and set(curve[0]["domains"]) == {"add", "sub"}
+    assert 1 <= len(curve) <= 4  # step 0, then at most the smoke budget of 3 steps
+    # The second run reuses the cached teachers and post-B checkpoint.
+    mopd_vs_grpo.main(argv)
+    assert "teachers: cached " in capsys.readouterr().out
+    assert len(list((tmp_path / "cache").glob("mopd_toy-*.pt"))) == 1
+
+
+def test_cache_key_follows_the_config_and_the_code():
+    cfg = toy.ToyConfig()
+    assert cfg.key("code") == toy.ToyConfig().key("code")
+    assert cfg.key("code") != replace(cfg, rl_steps=(10, 81)).key("code")
+    assert cfg.key("code") != cfg.key("code changed")
+    # MOPD's advantage clip is not part of the stages: changing it reuses the teachers.
+    assert cfg.key("code") == replace(cfg, adv_clip=3.0).key("code")
+
+
+def test_overrides_are_typed_and_checked():
+    cfg = mopd_vs_grpo.parse_overrides(["rl_steps=5,6", "lr=2e-4", "eval_size=100"])
+    assert (cfg.rl_steps, cfg.lr, cfg.eval_size) == ((5, 6), 2e-4, 100)
+    with pytest.raises(SystemExit, match="bad override 'lrr=1'"):
+        mopd_vs_grpo.parse_overrides(["lrr=1"])
+
+
+def test_standard_error_of_the_default_eval_set_is_below_0_02():
+    assert toy.standard_error(0.5, toy.ToyConfig().eval_size) < 0.02
+    assert toy.standard_error(0.9, 100) == pytest.approx(0.03)
