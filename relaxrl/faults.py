@@ -14,12 +14,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 
 @dataclass
@@ -95,16 +96,22 @@ class RequestWatch:
     def wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
         def tracked(*args: Any, **kwargs: Any) -> Any:
-            key = next(self._ids)
-            with self._lock:
-                self._running[key] = time.monotonic()
-            try:
+            with self.tracking():
                 return fn(*args, **kwargs)
-            finally:
-                with self._lock:
-                    self._running.pop(key, None)
 
         return tracked
+
+    @contextlib.contextmanager
+    def tracking(self) -> Iterator[None]:
+        """Track the work inside the ``with`` block (e.g. an awaited streaming generation)."""
+        key = next(self._ids)
+        with self._lock:
+            self._running[key] = time.monotonic()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._running.pop(key, None)
 
     def oldest_s(self) -> float:
         with self._lock:

@@ -204,7 +204,8 @@ class Rollout:
             entry.task = asyncio.ensure_future(self._attempt(request, params, entry))
             self._inflight[id(entry)] = entry
             try:
-                return await entry.task, went_on
+                with self.watch.tracking():  # a generation that never ends fails the health check
+                    return await entry.task, went_on
             except asyncio.CancelledError:
                 if not entry.aborted:  # the caller's own cancellation
                     entry.task.cancel()

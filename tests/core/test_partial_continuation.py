@@ -288,3 +288,26 @@ def test_a_broadcast_load_is_a_decision_point_for_the_generations_in_flight(mode
         assert all(s.policy_version == 1 and not s.token_versions for s in samples)  # all under the new weights
     finally:
         role.engine.close()
+
+
+def test_a_streaming_generation_that_runs_past_the_hang_timeout_fails_the_health_check(model_dir, prompts):
+    """The batch path's hang watch (``faults.hang_timeout_s``: Serve restarts a replica whose
+    health check raises) covers the streaming path too: each group's generation is tracked."""
+    from relaxrl.groups import GroupRequest
+
+    role = rollout_role(model_dir, 200, hang_timeout_s=0.05)
+    try:
+        request = GroupRequest(group_id="g0", prompt_ids=list(prompts[0]), n=2, seed=7)
+
+        async def in_flight():
+            task = asyncio.ensure_future(role.generate([request]))
+            await asyncio.sleep(0.3)
+            assert not task.done(), "the group finished before the hang timeout"
+            with pytest.raises(RuntimeError, match="replica hung"):
+                role.check_health()
+            await task
+            role.check_health()  # nothing in flight: healthy again
+
+        asyncio.run(in_flight())
+    finally:
+        role.engine.close()
