@@ -125,6 +125,8 @@ class RunResult:
             # A resumed run's recorded partial rollouts: continued from their tokens, or generated again.
             "partials_continued": self.queue.get("partials_continued", 0),
             "partials_discarded": self.queue.get("partials_discarded", 0),
+            # Generations a weight update aborted and the rollout started again in place (every replica).
+            "partial_regenerated": self.queue.get("partial_regenerated", 0),
             "accounting": {k: self.queue.get(k) for k in ACCOUNTING_KEYS},
             "resumed_from": self.resumed_from,
             "trainer_restarts": self.trainer_restarts,

@@ -147,6 +147,7 @@ class StalenessQueue:
         # Resumed partial rollouts: continued from their kept tokens, or discarded (the bound, or
         # rollout.partial=abort, no longer allowed them under the resumed weights; generated again).
         self.partials_continued = 0
+        self.partials_regenerated = 0
         self.partials_discarded = 0
         self.aborted_tokens = 0  # tokens those aborted generations had produced (work thrown away)
         self._open = 0  # the lowest train version whose batch has not been taken
@@ -338,13 +339,16 @@ class StalenessQueue:
             self._partials[group_id] = PartialGroup.from_json(pg.to_json())
         return pg
 
-    def note_partials(self, continued: int, discarded: int) -> None:
+    def note_partials(self, continued: int, discarded: int, regenerated: int = 0) -> None:
         """The rollout continued ``continued`` handed-back partial rollouts and generated
-        ``discarded`` again from their prompts (counted: ``partials_continued``/``partials_discarded``)."""
-        if continued < 0 or discarded < 0:
-            raise QueueError(f"note_partials needs counts >= 0, got {continued}, {discarded}")
+        ``discarded`` again from their prompts (counted: ``partials_continued``/``partials_discarded``),
+        and started ``regenerated`` generations again in place because a weight update aborted them
+        (``partial_regenerated``: every replica's, where the rollout's ``stats()`` has one replica's)."""
+        if continued < 0 or discarded < 0 or regenerated < 0:
+            raise QueueError(f"note_partials needs counts >= 0, got {continued}, {discarded}, {regenerated}")
         self.partials_continued += int(continued)
         self.partials_discarded += int(discarded)
+        self.partials_regenerated += int(regenerated)
 
     def _maybe_complete(self, gid: str) -> None:
         group = self._groups[gid]
@@ -501,6 +505,7 @@ class StalenessQueue:
             "aborted_tokens": self.aborted_tokens,
             "partials_recorded": len(self._partials) + len(self._resume_partials),
             "partials_continued": self.partials_continued,
+            "partial_regenerated": self.partials_regenerated,
             "partials_discarded": self.partials_discarded,
             "deadline_misses": self.deadline_misses,
         }
@@ -574,6 +579,7 @@ class StalenessQueue:
             "requeued": dict(self.requeued),
             "aborted_tokens": self.aborted_tokens,
             "partials_continued": self.partials_continued,
+            "partial_regenerated": self.partials_regenerated,
             "partials_discarded": self.partials_discarded,
             "group_size": self.group_size,
         }
@@ -605,6 +611,7 @@ class StalenessQueue:
         self.requeued = Counter(snap.get("requeued", {}))
         self.aborted_tokens = int(snap.get("aborted_tokens", 0))
         self.partials_continued = int(snap.get("partials_continued", 0))
+        self.partials_regenerated = int(snap.get("partial_regenerated", 0))
         self.partials_discarded = int(snap.get("partials_discarded", 0))
         self._open = self.version  # a checkpoint is taken with no batch of the next step out
         self.check_accounting()
@@ -734,8 +741,8 @@ class QueueActor:
                         "others are generated again after a resume", len(answered), len(live), timeout_s)
         return {"asked": len(live), "answered": len(answered), "recorded": self.q.metrics()["partials_recorded"]}
 
-    def note_partials(self, continued: int, discarded: int) -> None:
-        self.q.note_partials(continued, discarded)
+    def note_partials(self, continued: int, discarded: int, regenerated: int = 0) -> None:
+        self.q.note_partials(continued, discarded, regenerated)
 
     def take_partials(self, group_ids: list[str]) -> dict[str, dict]:
         """The recorded partial rollouts, as ``PartialGroup.to_json()``, of those of ``group_ids``

@@ -142,10 +142,8 @@ def run_experiment(cfg: DictConfig, on_step=None) -> dict:
         if multi_turn:
             summary.update(episode_summary(episode_eval, summary))
             summary.update(roles.rollout.stats.remote().result())
-        else:  # one replica's figures: what a weight load cost its memory, what it generated again
-            stats = roles.rollout.stats.remote().result()
-            summary["reload_resident_ratio"] = stats.get("reload_resident_ratio")
-            summary["partial_regenerated"] = stats.get("partial_aborted", 0)
+        else:  # what a weight load cost the rollout's memory (one replica's figure)
+            summary["reload_resident_ratio"] = roles.rollout.stats.remote().result().get("reload_resident_ratio")
     finally:
         try:
             monitor.close(summary)

@@ -129,16 +129,16 @@ class Rollout:
         need = max((r.min_version for r in requests), default=0)
         if need > self.engine.version:
             await self._wait_for_weights(need)
-        continued = 0
+        continued = regenerated = 0
         if self.streaming:
             self._listen(route)
             kept = {gid: PartialGroup.from_json(d) for gid, d in (partials or {}).items()}
-            samples, continued = await self._generate_streaming(list(requests), kept)
+            samples, continued, regenerated = await self._generate_streaming(list(requests), kept)
         else:  # the batch engine does not continue records: they are generated again, counted
             samples = await self._generate_batch(list(requests))
         answer = await self.forwarder.forward(samples, route)
-        if partials and route is not None:  # counted run-wide once delivered (a resumed run's first requests)
-            await self._queue(route).note_partials.remote(continued, len(partials) - continued)
+        if (partials or regenerated) and route is not None:  # counted run-wide once delivered
+            await self._queue(route).note_partials.remote(continued, len(partials or ()) - continued, regenerated)
         return answer
 
     async def _wait_for_weights(self, version: int) -> None:
@@ -170,24 +170,26 @@ class Rollout:
     # ------------------------------------------------------------------ streaming
 
     async def _generate_streaming(self, requests: list[GroupRequest],
-                                  kept: dict[str, PartialGroup]) -> tuple[list[Sample], int]:
+                                  kept: dict[str, PartialGroup]) -> tuple[list[Sample], int, int]:
         """Each group on its own in the streaming engine; weights may change under it. A group with
-        a record in ``kept`` goes on from it; returns the samples and how many records went on."""
+        a record in ``kept`` goes on from it; returns the samples, how many records went on and how
+        many generations a weight update made start again."""
         self._follow()
         if self.receiver is not None:
             self.receiver.check()
         start = time.time()
         outcomes = await asyncio.gather(*(self._group(r, kept.get(r.group_id)) for r in requests))
-        gens = [g for group, _ in outcomes for g in group]
+        gens = [g for group, _, _ in outcomes for g in group]
         loaded = self.weights.last_load_within(start)
         timings = {**loaded, "gen_start": start, "gen_end": time.time()}
         groups = samples_from_generations(requests, gens, self.engine.tokenizer, self.engine.version, timings)
         samples = [with_token_versions(s, g) for s, g in zip((s for grp in groups for s in grp), gens)]
-        return samples, sum(went_on for _, went_on in outcomes)
+        return samples, sum(went_on for _, went_on, _ in outcomes), sum(again for _, _, again in outcomes)
 
-    async def _group(self, request: GroupRequest, kept: Optional[PartialGroup] = None) -> tuple[list[Generation], bool]:
-        """One group's generations, and whether they went on from ``kept`` (a resumed run's record
-        of it). Kept only while the bound allows it under the weights now loaded (as if those had
+    async def _group(self, request: GroupRequest,
+                     kept: Optional[PartialGroup] = None) -> tuple[list[Generation], bool, int]:
+        """One group's generations, whether they went on from ``kept`` (a resumed run's record
+        of it) and how many times a weight update aborted it. Kept only while the bound allows it under the weights now loaded (as if those had
         landed mid-generation: ``on_weight_update``); started again from its prompt (same seed) when
         that refuses it or a weight update aborts it."""
         params = SamplingParams(seed=request.seed, **self.sampling)
@@ -198,19 +200,20 @@ class Rollout:
                 kept = None
             else:
                 self.partials_continued += 1
-        went_on = kept is not None
+        went_on, again = kept is not None, 0
         while True:
             entry = _Inflight(request.group_id, self.engine.version, kept)
             entry.task = asyncio.ensure_future(self._attempt(request, params, entry))
             self._inflight[id(entry)] = entry
             try:
                 with self.watch.tracking():  # a generation that never ends fails the health check
-                    return await entry.task, went_on
+                    return await entry.task, went_on, again
             except asyncio.CancelledError:
                 if not entry.aborted:  # the caller's own cancellation
                     entry.task.cancel()
                     raise
                 self.partial_aborted += 1
+                again += 1
                 kept = None  # its tokens go with it: from the prompt again
             finally:
                 self._inflight.pop(id(entry), None)

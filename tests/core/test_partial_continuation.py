@@ -136,9 +136,11 @@ def test_a_handed_back_record_stays_in_checkpoints_until_a_newer_one_and_the_ide
     r.record_partials([newer])
     assert r.snapshot()["partials"] == {"1": newer.to_json()}
     r.note_partials(continued=1, discarded=0)
+    r.note_partials(0, 0, regenerated=3)  # a replica started three generations again in place
     r.check_accounting()
     m = r.metrics()
-    assert (m["partials_continued"], m["partials_discarded"], m["in_flight_groups"]) == (1, 0, 2)
+    assert (m["partials_continued"], m["partials_discarded"], m["partial_regenerated"], m["in_flight_groups"]) == (
+        1, 0, 3, 2)
     r.put(sample_group(0, 2, PartialGroup("g0", [PartialResponse(0, [7], [-0.1], [0]),
                                                  PartialResponse(1, [7], [-0.1], [0])])))
     r.put(sample_group(1, 2, newer))
@@ -151,7 +153,7 @@ def test_a_handed_back_record_stays_in_checkpoints_until_a_newer_one_and_the_ide
     r.check_accounting(trained_by_actor=4)
     again = StalenessQueue(groups_per_step=1, group_size=2, max_staleness=1, required_fields=FIELDS)
     again.restore(json.loads(json.dumps(r.snapshot())))
-    assert again.metrics()["partials_continued"] == 1  # kept across a checkpoint like the other counts
+    assert (again.metrics()["partials_continued"], again.metrics()["partial_regenerated"]) == (1, 3)  # kept across a checkpoint
     with pytest.raises(Exception, match="counts >= 0"):
         r.note_partials(-1, 0)
 
