@@ -2,19 +2,22 @@
 
     python bench/dagger_vs_bc.py                     # gridwalk (covariate shift), seeds 0,1,2
     python bench/dagger_vs_bc.py --env guess --labels 600 --steps 300 --steps-per-iter 5 --decay-iters 10 \
-        --seeds 0 --eval-episodes 128 --batch-size 32
+        --hold-iters 0 --lr 3e-3 --seeds 0 --eval-episodes 128 --batch-size 32
     python bench/dagger_vs_bc.py --smoke             # seconds; what the test suite runs
 
 ``gridwalk`` (relaxrl/envs/gridwalk.py) is the env built for DAgger: an open grid walked from ``a0``
-to a goal drawn per seed while moves slip, whose expert demonstrations only move down and right, so
-they rarely contain the states a slip or one wrong move leads to, nor the moves back from them.
-``guess`` and ``calculator`` have expert paths small enough to memorise (BC wins there).
+to a goal drawn per seed, deterministic here (``slip=0``, so the student's own mistakes are the only
+drift), whose expert demonstrations only move down and right, on 180 of its 1,260 states; the
+states one wrong move leads to, and the moves back from them, are never in them. ``guess`` and
+``calculator`` have expert paths small enough to memorise (BC wins there). On gridwalk too a tiny
+student fits the expert's walks and then makes no mistake to recover from (docs/dagger.md).
 
 Every seed starts the three methods from the same randomly initialised tiny Qwen2 (the seed's),
 CPU, and they take the same number of optimizer steps on the same number of training episodes per
 collection:
 
-* DAgger: per-turn teacher probability beta decays linearly 1 -> 0; the env's expert labels every
+* DAgger: per-turn teacher probability beta 1 for ``--hold-iters`` collections (the student first
+  learns the expert's states, on BC's episodes), then linearly 1 -> 0; the env's expert labels every
   visited state; cross-entropy on the aggregated labels; stops collecting at the label budget.
 * BC: beta = 1 throughout (teacher-only episodes), the same label budget, the same training.
 * GRPO: outcome reward only (no labels), groups of episodes per seed.
@@ -89,7 +92,8 @@ def model_dir_for(a: argparse.Namespace, seed: int) -> str:
 
     # A student's early, random episodes run past the default 256 positions (invalid actions are long).
     size = {} if a.model == "tiny" else MODELS[a.model]
-    return prepare_tiny_model_dir(cache_dir=a.cache_dir, model_kwargs={"seed": seed, "max_position_embeddings": 512, **size},
+    kwargs = {"seed": seed, "max_position_embeddings": 512, **size}
+    return prepare_tiny_model_dir(cache_dir=a.cache_dir, model_kwargs=kwargs,
                                   warm_start_pairs_fn=None, warm_start={}, key_extra={"purpose": "dagger_bench"})
 
 
@@ -105,7 +109,8 @@ def run_method(method: str, seed: int, a: argparse.Namespace, model_dir: str) ->
                            micro_batch_size=a.batch_size)
     res = runner.run(a.steps)
     out = {"method": method, "seed": seed, "labels": res.labels, "episodes": res.episodes, "curve": res.curve,
-           "final": res.final, "fit": res.last_metrics.get("teacher_token_logprob", float("nan")), "evicted": res.evicted, "labels_dropped": res.labels_dropped,
+           "final": res.final, "fit": res.last_metrics.get("teacher_token_logprob", float("nan")),
+           "evicted": res.evicted, "labels_dropped": res.labels_dropped,
            "wall_s": time.time() - t0, "cpu_s": time.process_time() - c0}
     print(f"done {method} seed {seed}: success={res.final['success']:.3f} in {out['wall_s']:.0f}s",
           file=sys.stderr, flush=True)
@@ -226,7 +231,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval-every", type=int, default=4, help="collections between held-out evaluations")
     p.add_argument("--max-turns", type=int, default=0, help="the env's turn limit; 0: the ENVS entry's")
     p.add_argument("--model", choices=sorted(MODELS), default="tiny", help="the student's size")
-    p.add_argument("--lr", type=float, default=1e-3, help="3e-3 (the default until 2026-12-03) made the students' training unstable")
+    p.add_argument("--lr", type=float, default=1e-3,
+                   help="3e-3 (the default until 2026-12-03) made long training on a fixed label set unstable")
     p.add_argument("--seeds", default="0,1,2", help="model-init and run seeds; the summary is their median")
     p.add_argument("--methods", default="dagger,bc,grpo")
     p.add_argument("--workers", type=int, default=2, help="(method, seed) runs in parallel processes")
