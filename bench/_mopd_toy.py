@@ -4,9 +4,10 @@ Two domains with one prompt format ``a?b=`` and different skills: ``add`` (``3+4
 ``sub`` (``7-3=`` -> ``4``). Both map the same two digits to an answer, so training one moves the
 other's answers (training sub for long enough makes a tiny model forget add).
 
-* Stage A (add): supervised warm start on add, then GRPO on add; its best checkpoint on add's eval is
-  add's teacher. Stage B (sub): from stage A's end, supervised warm start on sub, then GRPO on sub; its
-  best checkpoint on sub is sub's teacher and its last one is the post-B checkpoint (add forgotten).
+* The base is warm-started on both domains (SFT on the mix). Stage A (add): supervised warm start
+  on add, then GRPO on add; its best checkpoint on add's eval is add's teacher. Stage B (sub): from
+  stage A's end, a short supervised warm start on sub, then GRPO on sub; its best checkpoint
+  on sub is sub's teacher and its last one is the post-B checkpoint (add partly forgotten).
   Both are built once per config (fixed seed) and cached on disk by the config and this file's text.
 * From the post-B checkpoint, per seed: MOPD (every sample distilled from the teacher of its own
   domain, reverse-KL token advantage) and GRPO on the add+sub mix, the same samples per step and the
@@ -20,16 +21,16 @@ runs the same stages with Ray (``+experiment=mopd_toy``) is covered by tests/pip
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 TARGET = 0.95  # a method reaches its target when every domain is at >= TARGET x its teacher's score
 DOMAINS = ("add", "sub")
@@ -60,7 +61,7 @@ class ToyConfig:
     lr: float = 3e-4  # 1e-3 made every RL phase noisy (greedy accuracy swinging by 0.1 between steps)
     temperature: float = 1.0
     max_new_tokens: int = 3
-    adv_clip: float = 1.0  # MOPD's per-token advantage clip (see docs/mopd.md: unclipped runs diverged)
+    adv_clip: float = 1.0  # MOPD's per-token advantage clip, as +experiment=mopd_toy (3.0: docs/mopd.md)
 
     def key(self, code: str) -> str:
         stage = {k: v for k, v in asdict(self).items() if k not in ("adv_clip",)}
@@ -106,7 +107,7 @@ class Loop:
     """One student trained in-process: sample groups, verify, (score under the domain teachers), one step."""
 
     def __init__(self, cfg: ToyConfig, tok, model, algorithm: dict, env, seed: int,
-                 teachers: Optional[dict[str, Any]] = None) -> None:
+                 teachers: dict[str, Any] | None = None) -> None:
         from relaxrl.algorithms import make_algorithm
         from relaxrl.engines.hf_generation import HFGenerationEngine
         from relaxrl.engines.torch_trainer import TorchTrainerEngine
@@ -133,7 +134,7 @@ class Loop:
         params = SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
                                 seed=self.seed * 1_000_003 + self.steps)
         gens = self.student.generate(prompts, params)
-        teacher_lp: list[Optional[list[float]]] = [None] * len(gens)
+        teacher_lp: list[list[float] | None] = [None] * len(gens)
         for domain, teacher in self.teachers.items():  # each sample scored by its own domain's teacher
             rows = [i for i in range(len(gens)) if group[i // k].domain == domain]
             scored = teacher.score([prompts[i] + gens[i].response_ids for i in rows], [len(prompts[i]) for i in rows],
@@ -245,8 +246,8 @@ def run_method(method: str, ckpt: dict, cfg: ToyConfig, seed: int, budget: int, 
     loop = Loop(cfg, tok, model_from(ckpt["post_b"]), algorithm, envs["mix"], seed=seed, teachers=teachers)
     targets = {d: TARGET * s for d, s in ckpt["teachers"].items()}
     # Rows as the bench reads them (and the Serve pipeline's eval.jsonl has them): {domain: {"accuracy": a}}.
-    scores = lambda: {d: {"accuracy": a} for d, a in evaluate(loop.student).items()}  # noqa: E731
-    reached = lambda row: all(row[d]["accuracy"] >= t for d, t in targets.items())  # noqa: E731
+    scores = lambda: {d: {"accuracy": a} for d, a in evaluate(loop.student).items()}
+    reached = lambda row: all(row[d]["accuracy"] >= t for d, t in targets.items())
     history = [{"step": 0, "domains": scores()}]
     t0 = time.time()
     while not reached(history[-1]["domains"]) and loop.steps < budget:

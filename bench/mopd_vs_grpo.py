@@ -32,16 +32,16 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from bench import _mopd_toy as toy  # noqa: E402  (after the path insert)
-from bench.plotting import save_plot  # noqa: E402
+from bench import _mopd_toy as toy
+from bench.plotting import save_plot
 
 TARGET = toy.TARGET
 METHODS = ("MOPD", "GRPO on mixed data")
@@ -211,7 +211,7 @@ def parse_overrides(items: list[str], base: dict | None = None) -> toy.ToyConfig
 def eval_line(ckpt: dict, cfg: toy.ToyConfig) -> str:
     """The teachers' and the post-B checkpoint's eval scores with their binomial standard errors."""
     n = cfg.eval_size
-    part = lambda scores: " ".join(f"{d}={a:.3f} (se {toy.standard_error(a, n):.4f})" for d, a in scores.items())  # noqa: E731
+    part = lambda scores: " ".join(f"{d}={a:.3f} (se {toy.standard_error(a, n):.4f})" for d, a in scores.items())
     return (f"eval: {n} fixed prompts per domain, standard error <= {toy.standard_error(0.5, n):.4f} at any accuracy; "
             f"teachers {part(ckpt['teachers'])}; post-B {part(ckpt['post_b_eval'])}")
 
