@@ -51,6 +51,7 @@ class ToyConfig:
     base_sft_steps: int = 300
     base_sft_lr: float = 3e-3
     sft_batch: int = 64
+    sft_pairs: int = 20_000  # (prompt, answer) pairs each warm start draws its batches from
     stage_sft_lr: float = 1e-3
     sft_steps: tuple = (100, 10)  # stage A (add), stage B (sub)
     rl_steps: tuple = (10, 250)
@@ -167,7 +168,7 @@ def run_stage(cfg: ToyConfig, tok, model, domain: str, envs: dict, evaluate: Eva
     i = DOMAINS.index(domain)
     env, rl_steps = envs[domain], cfg.rl_steps[i]
     t0 = time.time()
-    warm_start(model, tok, env.sft_pairs(20_000, seed=cfg.model_seed + 1 + i), steps=cfg.sft_steps[i],
+    warm_start(model, tok, env.sft_pairs(cfg.sft_pairs, seed=cfg.model_seed + 1 + i), steps=cfg.sft_steps[i],
                lr=cfg.stage_sft_lr, batch_size=cfg.sft_batch, seed=cfg.model_seed + 1 + i)
     loop = Loop(cfg, tok, model, {"name": "grpo"}, env, seed=cfg.model_seed + 1 + i)
     history = [{"step": 0, "domains": evaluate(loop.student)}]
@@ -201,7 +202,7 @@ def build_checkpoints(cfg: ToyConfig, cache_dir: str, log: Callable = print) -> 
     tok, envs = build_tokenizer(), make_envs(cfg)
     evaluate = Evaluator(cfg, tok, envs["mix"])
     model = build_tiny_model(tok, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, seed=cfg.model_seed)
-    warm_start(model, tok, envs["mix"].sft_pairs(20_000, seed=cfg.model_seed), steps=cfg.base_sft_steps,
+    warm_start(model, tok, envs["mix"].sft_pairs(cfg.sft_pairs, seed=cfg.model_seed), steps=cfg.base_sft_steps,
                lr=cfg.base_sft_lr, batch_size=cfg.sft_batch, seed=cfg.model_seed)
     a = run_stage(cfg, tok, model, "add", envs, evaluate, log)
     b = run_stage(cfg, tok, model, "sub", envs, evaluate, log)  # continues from stage A's last weights

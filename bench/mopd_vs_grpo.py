@@ -190,7 +190,7 @@ def load_runs(path: str) -> dict[int, dict]:
     return {0: {k: data[k] for k in ("teachers", "curves", "budget", "stage_final_eval")}}
 
 
-SMOKE = {"base_sft_steps": 20, "sft_steps": (10, 5), "rl_steps": (2, 2), "stage_eval_every": 1, "eval_size": 32,
+SMOKE = {"base_sft_steps": 20, "sft_pairs": 640, "sft_steps": (10, 5), "rl_steps": (2, 2), "stage_eval_every": 1, "eval_size": 32,
          "groups": 4, "group_size": 4, "num_layers": 1}
 
 

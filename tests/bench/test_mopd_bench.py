@@ -24,9 +24,9 @@ def test_smoke_run_reports_per_seed_then_the_summary(tmp_path, capsys, monkeypat
     curve = saved["runs"]["0"]["curves"]["MOPD"]
     assert curve[0]["step"] == 0 and set(curve[0]["domains"]) == {"add", "sub"}
     assert 1 <= len(curve) <= 4  # step 0, then at most the smoke budget of 3 steps
-    # The second run reuses the cached teachers and post-B checkpoint.
-    mopd_vs_grpo.main(argv)
-    assert "teachers: cached " in capsys.readouterr().out
+    # A second run reuses the cached teachers and post-B checkpoint.
+    cached = toy.build_checkpoints(mopd_vs_grpo.parse_overrides([], mopd_vs_grpo.SMOKE), str(tmp_path / "cache"))
+    assert "teachers: cached " in capsys.readouterr().out and cached["teachers"] == saved["runs"]["0"]["teachers"]
     assert len(list((tmp_path / "cache").glob("mopd_toy-*.pt"))) == 1
 
 
