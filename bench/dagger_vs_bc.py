@@ -117,7 +117,7 @@ def run_method(method: str, seed: int, a: argparse.Namespace, model_dir: str) ->
     return out
 
 
-STYLES = {"dagger": ("DAgger (beta 1 -> 0)", "C0"), "bc": ("BC (teacher-only episodes)", "C1"),
+STYLES = {"dagger": ("DAgger (beta 1, then 1 -> 0)", "C0"), "bc": ("BC (teacher-only episodes)", "C1"),
           "grpo": ("GRPO (outcome only)", "C2")}
 
 
