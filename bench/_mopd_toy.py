@@ -22,6 +22,7 @@ runs the same stages with Ray (``+experiment=mopd_toy``) is covered by tests/pip
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -33,7 +34,10 @@ from pathlib import Path
 from typing import Any
 
 TARGET = 0.95  # a method reaches its target when every domain is at >= TARGET x its teacher's score
-DOMAINS = ("add", "sub")
+DOMAINS = ("add", "sub")  # task "arith"; task "digits" has the domains of ToyConfig.digit_ops
+TASKS = ("arith", "digits")
+DIGIT_OPS = {"rev": lambda s: s[::-1], "rot": lambda s: s[1:] + s[:1], "sort": lambda s: "".join(sorted(s))}
+DIGIT_MARKS = {"rev": "r", "rot": "o", "sort": "s"}  # the prompt's one-letter skill marker
 
 
 @dataclass(frozen=True)
@@ -63,16 +67,76 @@ class ToyConfig:
     temperature: float = 1.0
     max_new_tokens: int = 3
     adv_clip: float = 1.0  # MOPD's per-token advantage clip, as +experiment=mopd_toy (3.0: docs/mopd.md)
+    # "arith": add vs sub, 1-2 token answers. "digits": a string of ``digits`` digits, prompt "3815r=", and one
+    # of ``digit_ops`` per domain (rev: "5183", rot: "8153", sort: "1358"): multi-token answers, exact match.
+    task: str = "arith"
+    digits: int = 4
+    digit_ops: str = "rev,sort"
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; valid: {list(TASKS)}")
+        ops = self.digit_ops.split(",")
+        if self.task == "digits":
+            bad = [op for op in ops if op not in DIGIT_OPS]
+            if bad or len(ops) != 2 or ops[0] == ops[1]:
+                raise ValueError(f"digit_ops={self.digit_ops!r}: want two distinct of {sorted(DIGIT_OPS)}")
+            if self.max_new_tokens < self.digits + 1:
+                raise ValueError(f"max_new_tokens={self.max_new_tokens} < digits + 1 = {self.digits + 1} "
+                                 "(the answer and EOS)")
+
+    @property
+    def domains(self) -> tuple[str, str]:
+        return DOMAINS if self.task == "arith" else tuple(self.digit_ops.split(","))
 
     def key(self, code: str) -> str:
         stage = {k: v for k, v in asdict(self).items() if k not in ("adv_clip",)}
         return hashlib.sha256((json.dumps(stage, sort_keys=True) + code).encode()).hexdigest()[:16]
 
 
+class DigitStringEnv:
+    """A string of ``digits`` random digits and one transform of it: "3815r=" -> "5183" (exact match)."""
+
+    def __init__(self, op: str, digits: int, eval_size: int) -> None:
+        self.name, self.op, self.domain, self.digits, self.eval_size = f"digits-{op}", op, op, digits, eval_size
+
+    def _draw(self, rng: random.Random) -> tuple[str, str]:
+        s = "".join(rng.choice("0123456789") for _ in range(self.digits))
+        return f"{s}{DIGIT_MARKS[self.op]}=", DIGIT_OPS[self.op](s)
+
+    def tasks(self, split: str, seed: int):
+        from relaxrl.envs.base import Task
+
+        rng = random.Random(f"{self.name}:{split}:{seed}")
+        for i in (itertools.count() if split == "train" else range(self.eval_size)):
+            prompt, answer = self._draw(rng)
+            yield Task(task_id=f"{split}-{i}", prompt=prompt, answer=answer, domain=self.domain)
+
+    def verify(self, response: str, task) -> float:
+        return float(response.strip() == task.answer)
+
+    def sft_pairs(self, n: int, seed: int) -> list[tuple[str, str]]:
+        rng = random.Random(f"{self.name}:sft:{seed}")
+        return [self._draw(rng) for _ in range(n)]
+
+
+def _mixture(parts: list):
+    """RelaxRL's MixtureEnv over env objects (its constructor takes registry nodes)."""
+    from relaxrl.envs.mixture import MixtureEnv
+
+    mix = MixtureEnv.__new__(MixtureEnv)
+    mix.name, mix.parts, mix.domains = "mixture", parts, [p.domain for p in parts]
+    mix._by_domain = dict(zip(mix.domains, parts))
+    return mix
+
+
 def make_envs(cfg: ToyConfig):
     from relaxrl.envs.arithmetic import ArithmeticEnv
     from relaxrl.envs.mixture import MixtureEnv
 
+    if cfg.task == "digits":
+        parts = [DigitStringEnv(op, cfg.digits, cfg.eval_size) for op in cfg.domains]
+        return {**{p.domain: p for p in parts}, "mix": _mixture(parts)}
     parts = [{"name": "arithmetic", "ops": [op], "max_operand": cfg.max_operand, "domain": d, "eval_size": cfg.eval_size}
              for op, d in (("+", "add"), ("-", "sub"))]
     return {"add": ArithmeticEnv(**{k: v for k, v in parts[0].items() if k != "name"}),
@@ -165,7 +229,7 @@ def run_stage(cfg: ToyConfig, tok, model, domain: str, envs: dict, evaluate: Eva
     """Warm start on ``domain``, then GRPO on it; returns the best-on-``domain`` state and the last one."""
     from relaxrl.models.warm_start import warm_start
 
-    i = DOMAINS.index(domain)
+    i = cfg.domains.index(domain)
     env, rl_steps = envs[domain], cfg.rl_steps[i]
     t0 = time.time()
     warm_start(model, tok, env.sft_pairs(cfg.sft_pairs, seed=cfg.model_seed + 1 + i), steps=cfg.sft_steps[i],
@@ -204,12 +268,13 @@ def build_checkpoints(cfg: ToyConfig, cache_dir: str, log: Callable = print) -> 
     model = build_tiny_model(tok, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, seed=cfg.model_seed)
     warm_start(model, tok, envs["mix"].sft_pairs(cfg.sft_pairs, seed=cfg.model_seed), steps=cfg.base_sft_steps,
                lr=cfg.base_sft_lr, batch_size=cfg.sft_batch, seed=cfg.model_seed)
-    a = run_stage(cfg, tok, model, "add", envs, evaluate, log)
-    b = run_stage(cfg, tok, model, "sub", envs, evaluate, log)  # continues from stage A's last weights
+    da, db = cfg.domains
+    a = run_stage(cfg, tok, model, da, envs, evaluate, log)
+    b = run_stage(cfg, tok, model, db, envs, evaluate, log)  # continues from stage A's last weights
     model.load_state_dict(b["last"])
-    out = {"config": asdict(cfg), "teacher_states": {"add": a["best"], "sub": b["best"]},
-           "post_b": b["last"], "stages": {"add": a["history"], "sub": b["history"]},
-           "teachers": {"add": a["best_score"], "sub": b["best_score"]},
+    out = {"config": asdict(cfg), "teacher_states": {da: a["best"], db: b["best"]},
+           "post_b": b["last"], "stages": {da: a["history"], db: b["history"]},
+           "teachers": {da: a["best_score"], db: b["best_score"]},
            "post_b_eval": b["history"][-1]["domains"], "build_s": time.time() - t0}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

@@ -1,11 +1,12 @@
 """MOPD vs GRPO on mixed data after sequential training forgets a domain (tiny model, CPU, in-process).
 
     python bench/mopd_vs_grpo.py [--out docs/img] [--steps 150] [--grpo-steps 450] [--seeds 0,1,2] [key=value ...]
+    python bench/mopd_vs_grpo.py --task digits --out docs/img/mopd_digits  # multi-token answers (rev vs sort)
     python bench/mopd_vs_grpo.py --smoke                                # seconds: what the test suite runs
     python bench/mopd_vs_grpo.py --report docs/img/mopd_vs_grpo.json   # summary and plot again, no runs
 
 The experiment is ``bench/_mopd_toy.py`` (``key=value`` sets its ``ToyConfig`` fields): two domains with
-the prompt format ``a?b=``, add and sub; stage A (warm start + GRPO on add) and stage B (warm start +
+the prompt format ``a?b=``, add and sub (``--task digits``: reverse vs sort a 4-digit string, ``3815r=``); stage A (warm start + GRPO on add) and stage B (warm start +
 GRPO on sub, which erodes add) are built once for the config (fixed seed) and cached on disk
 (``--cache-dir``); their best checkpoints are the domain teachers. Per seed, from the same post-B
 checkpoint: MOPD with the two teachers and GRPO on the add+sub mix, the same samples per step and
@@ -190,6 +191,12 @@ def load_runs(path: str) -> dict[int, dict]:
     return {0: {k: data[k] for k in ("teachers", "curves", "budget", "stage_final_eval")}}
 
 
+# --task: ToyConfig presets. arith (the default, measured first): add vs sub. digits: reverse vs sort a
+# 4-digit string, answers of 4 tokens + EOS with an exact-match reward; stage B is 200 SFT steps on sort
+# (post-B rev ~0.5: with the arith stages sort barely erodes rev). Results: docs/mopd.md, "multi-token answers".
+TASKS = {"arith": {},
+         "digits": {"task": "digits", "digits": 4, "digit_ops": "rev,sort", "max_new_tokens": 5,
+                    "sft_steps": (100, 200), "rl_steps": (10, 10)}}
 SMOKE = {"base_sft_steps": 20, "sft_pairs": 640, "sft_steps": (10, 5), "rl_steps": (2, 2), "stage_eval_every": 1, "eval_size": 32,
          "groups": 4, "group_size": 4, "num_layers": 1}
 
@@ -234,6 +241,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/relaxrl"),
                         help="the teachers and the post-B checkpoint are cached here, by config and code")
     parser.add_argument("--smoke", action="store_true", help="a tiny config and budgets (seconds), no plot by default")
+    parser.add_argument("--task", choices=sorted(TASKS), default="arith",
+                        help="the domain pair: arith (add vs sub, the default) or digits (reverse vs sort 4 digits)")
     parser.add_argument("--report", default=None, help="no runs: summarise and plot this results JSON again")
     parser.add_argument("overrides", nargs="*", help="ToyConfig fields, key=value (bench/_mopd_toy.py)")
     args = parser.parse_args(argv)
@@ -243,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
         return report(load_runs(args.report), args.out)
     if args.smoke:
         args.steps, args.grpo_steps = min(args.steps, 3), min(args.grpo_steps, 3)
-    cfg = parse_overrides(args.overrides, SMOKE if args.smoke else None)
+    cfg = parse_overrides(args.overrides, {**TASKS[args.task], **(SMOKE if args.smoke else {})})
     seeds = [int(s) for s in args.seeds.split(",")]
     t0 = time.time()
     ckpt = toy.build_checkpoints(cfg, args.cache_dir)

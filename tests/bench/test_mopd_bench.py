@@ -49,3 +49,22 @@ def test_overrides_are_typed_and_checked():
 def test_standard_error_of_the_default_eval_set_is_below_0_02():
     assert toy.standard_error(0.5, toy.ToyConfig().eval_size) < 0.02
     assert toy.standard_error(0.9, 100) == pytest.approx(0.03)
+
+
+def test_digits_task_envs_prompts_answers_and_checks():
+    cfg = mopd_vs_grpo.parse_overrides([], mopd_vs_grpo.TASKS["digits"])
+    assert cfg.domains == ("rev", "sort") and cfg.max_new_tokens == 5
+    envs = toy.make_envs(cfg)
+    rev, sort = next(envs["rev"].tasks("eval", 0)), next(envs["sort"].tasks("eval", 0))
+    assert rev.prompt[4:] == "r=" and rev.answer == rev.prompt[:4][::-1]
+    assert sort.prompt[4:] == "s=" and sort.answer == "".join(sorted(sort.prompt[:4]))
+    evals = list(envs["mix"].tasks("eval", 0))
+    assert len(evals) == 2 * cfg.eval_size and [t.domain for t in evals[:2]] == ["rev", "sort"]
+    assert envs["mix"].verify(" " + rev.answer, evals[0]) == 1.0 and envs["mix"].verify(rev.answer[:3], evals[0]) == 0.0
+    assert toy.ToyConfig(task="digits", digit_ops="rot,sort", max_new_tokens=5).domains == ("rot", "sort")
+    with pytest.raises(ValueError, match="max_new_tokens=3 < digits"):
+        toy.ToyConfig(task="digits")
+    with pytest.raises(ValueError, match="digit_ops='rev,rev'"):
+        toy.ToyConfig(task="digits", digit_ops="rev,rev", max_new_tokens=5)
+    with pytest.raises(ValueError, match="unknown task 'words'"):
+        toy.ToyConfig(task="words")
