@@ -18,6 +18,15 @@ class SamplingParams:
     seed: Optional[int] = None  # per-request seed: the same seed and weights give the same tokens
 
 
+def request_seeds(seed: Optional[int], n: int) -> list[Optional[int]]:
+    """One seed per request of a call (both streaming engines, vLLM's batch engine): the same call
+    seed gives the same tokens, and the copies of a prompt in a group still get different samples
+    (one shared seed would make them identical)."""
+    if seed is None:
+        return [None] * n
+    return [(int(seed) * 1_000_003 + i) % (2**63 - 1) for i in range(n)]
+
+
 @dataclass
 class Generation:
     """One sampled response."""

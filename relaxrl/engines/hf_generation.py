@@ -9,17 +9,16 @@ reports temperature-1 log-probs.
 
 from __future__ import annotations
 
-import itertools
 import logging
 from typing import Iterable, NamedTuple, Optional, Sequence
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from relaxrl.engines.base import Generation, SamplingParams, WeightPayload
+from relaxrl.engines.base import Generation, SamplingParams, WeightPayload, request_seeds
 from relaxrl.engines.device import first_stop, log_model, resolve_device, token_ids
 from relaxrl.engines.logprobs import gather_response, left_pad, right_pad, token_logprobs, token_logprobs_topk
-from relaxrl.engines.payload import load_full_parts, merged
+from relaxrl.engines.payload import ByteCount, first_part, load_full_parts, merged
 from relaxrl.models.lora import LoraConfig, apply_lora, is_lora, load_adapter_state_dict
 
 log = logging.getLogger(__name__)
@@ -180,16 +179,13 @@ class HFGenerationEngine:
     def load_weight_parts(self, parts: Iterable[WeightPayload]) -> None:
         """``load_weights`` for an update in parts: the full weights are copied in place part by part
         (the manifest checked before the first copy); an adapter is loaded whole."""
-        parts = iter(parts)
-        first = next(parts, None)
-        if first is None:
-            raise ValueError("a weight update with no parts")
+        first, parts = first_part(parts)
         check_payload_kind(first, self.lora_on)
         if self.lora_on:
             with torch.no_grad():
-                load_adapter_state_dict(self.model, merged(itertools.chain([first], parts)).tensors)
+                load_adapter_state_dict(self.model, merged(parts).tensors)
         else:
-            load_full_parts(self.model, itertools.chain([first], parts))
+            load_full_parts(self.model, parts)
         self.version = int(first.version)
 
     def score(
@@ -329,8 +325,7 @@ class StreamingHFEngine:
         if not self._thread.is_alive():
             raise RuntimeError("the streaming HF engine is closed")
         futures = []
-        for i, p in enumerate(prompts):
-            seed = None if params.seed is None else int(params.seed) * 1_000_003 + i
+        for i, (p, seed) in enumerate(zip(prompts, request_seeds(params.seed, len(prompts)))):
             f: Future = Future()
             hook = None if on_tokens is None else functools.partial(on_tokens, i)
             self._inbox.put(_Job([int(t) for t in p], SamplingParams(params.temperature, params.top_p,
@@ -405,18 +400,11 @@ class StreamingHFEngine:
                 active = self._chunk(active)
 
     def _load(self, parts: Iterable[WeightPayload], future) -> None:
-        nbytes = 0
-
-        def counted():
-            nonlocal nbytes
-            for part in parts:
-                nbytes += part.nbytes
-                yield part
-
+        counted = ByteCount(parts)
         try:
-            self.engine.load_weight_parts(counted())
+            self.engine.load_weight_parts(counted)
             self.loads += 1
-            self.load_bytes += nbytes
+            self.load_bytes += counted.nbytes
             future.set_result(None)
         except BaseException as e:  # the caller sees it; the loop goes on with the old weights
             future.set_exception(e)

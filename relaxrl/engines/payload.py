@@ -9,6 +9,7 @@ update into parts of at most ``bucket_bytes`` so a receiver holds one part at a 
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from typing import Iterable, Iterator, Mapping, Optional
 
@@ -91,7 +92,7 @@ def payload_from_arrays(version: int, kind: str, arrays: dict[str, np.ndarray],
 
 def write_parts(parts: Iterable[WeightPayload]) -> list[str]:
     """Each part's tensors as a safetensors file in shared memory (``/dev/shm`` where there is one),
-    for an engine core in another process (``read_parts``); the caller removes what is left."""
+    for an engine core in another process (``read_tensors``); the caller removes what is left."""
     import os
     import shutil
     import tempfile
@@ -178,6 +179,29 @@ def load_full_parts(model: torch.nn.Module, parts: Iterable[WeightPayload]) -> i
             model.load_state_dict(dict(part.tensors), strict=False)
         n += len(part.tensors)
     return n
+
+
+def first_part(parts: Iterable[WeightPayload]) -> tuple[WeightPayload, Iterator[WeightPayload]]:
+    """The first part of an update (its version, kind and manifest) and every part, the first
+    included, still to be taken one at a time (a caller may give each part's memory back when the
+    next is asked for). An update with no parts is an error."""
+    parts = iter(parts)
+    first = next(parts, None)
+    if first is None:
+        raise ValueError("a weight update with no parts")
+    return first, itertools.chain([first], parts)
+
+
+class ByteCount:
+    """``parts``, taken lazily, adding up their bytes in ``nbytes`` as they go (what a load copied)."""
+
+    def __init__(self, parts: Iterable[WeightPayload]) -> None:
+        self._parts, self.nbytes = parts, 0
+
+    def __iter__(self) -> Iterator[WeightPayload]:
+        for part in self._parts:
+            self.nbytes += part.nbytes
+            yield part
 
 
 def merged(parts: Iterable[WeightPayload]) -> WeightPayload:

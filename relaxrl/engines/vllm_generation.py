@@ -17,7 +17,6 @@ every load, so no KV computed with old weights is reused.
 from __future__ import annotations
 
 import gc
-import itertools
 import json
 import logging
 import os
@@ -25,11 +24,12 @@ import shutil
 import tempfile
 from typing import Any, Iterable, Optional, Sequence, Union
 
-from relaxrl.engines.base import Generation, SamplingParams, WeightPayload
-from relaxrl.engines.hf_generation import check_payload_kind
-from relaxrl.engines.payload import merged, remove_parts, write_parts
-from relaxrl.engines.options import VLLMOptions
 from safetensors.torch import save_file
+
+from relaxrl.engines.base import Generation, SamplingParams, WeightPayload, request_seeds
+from relaxrl.engines.hf_generation import check_payload_kind
+from relaxrl.engines.payload import ByteCount, first_part, merged, remove_parts, write_parts
+from relaxrl.engines.options import VLLMOptions
 from relaxrl.models.lora import LoraConfig
 
 log = logging.getLogger(__name__)
@@ -43,14 +43,6 @@ def vllm_available() -> bool:
     except Exception:  # ImportError, or a broken install (e.g. CUDA torchvision on a CPU torch)
         return False
     return True
-
-
-def request_seeds(seed: Optional[int], n: int) -> list[Optional[int]]:
-    """One seed per request: the same call seed gives the same tokens, and the copies of a prompt
-    in a group still get different samples (one shared seed would make them identical)."""
-    if seed is None:
-        return [None] * n
-    return [(int(seed) * 1_000_003 + i) % (2**63 - 1) for i in range(n)]
 
 
 def to_generation(
@@ -277,12 +269,8 @@ class VLLMGenerationEngine:
     def load_weight_parts(self, parts: Iterable[WeightPayload]) -> None:
         """Parts are taken one at a time, as they are loaded (a caller may give each one's memory
         back when the next is asked for)."""
-        parts = iter(parts)
-        first = next(parts, None)
-        if first is None:
-            raise ValueError("a weight update with no parts")
+        first, parts = first_part(parts)
         check_payload_kind(first, self.lora_on)
-        version, parts = int(first.version), itertools.chain([first], parts)
         if self.lora_on:
             self._load_adapter(merged(parts))
         elif self._in_process:
@@ -294,7 +282,7 @@ class VLLMGenerationEngine:
             finally:
                 remove_parts(paths)
         self.llm.reset_prefix_cache()
-        self.version = version
+        self.version = int(first.version)
 
     def join_weight_group(self, host: str, port: int, world_size: int, rank_offset: int = 1) -> None:
         """Every worker joins the NCCL group trainer rank 0 broadcasts on (GPU only; blocks until
@@ -547,21 +535,12 @@ class StreamingVLLMEngine:
         import asyncio
         import time
 
-        seen: list[WeightPayload] = []
-
-        def each():
-            for part in parts:
-                if not seen:
-                    check_payload_kind(part, False)
-                seen.append(part)
-                yield part
-
+        first, parts = first_part(parts)
+        check_payload_kind(first, False)
+        counted = ByteCount(parts)
         # Written before pausing, off the engine's loop: generation goes on meanwhile.
-        paths = await asyncio.get_running_loop().run_in_executor(None, lambda: write_parts(each()))
-        if not seen:
-            raise ValueError("a weight update with no parts")
-        version, nbytes = int(seen[0].version), sum(p.nbytes for p in seen)
-        seen.clear()
+        paths = await asyncio.get_running_loop().run_in_executor(None, write_parts, counted)
+        version, nbytes = int(first.version), counted.nbytes
         async with self._weights_lock:
             start = time.perf_counter()
             # keep: requests stay queued, preempted (KV freed) and prefilled again on resume

@@ -12,8 +12,8 @@ Two paths (``rollout.streaming``):
   group in flight whether it continues under the new weights or is generated again.
 
 Partial rollouts across a checkpoint (streaming): the replica keeps a ``PartialGroup`` per group in
-flight, updated as the engine reports tokens (``StreamingHFEngine``'s ``on_tokens``; an engine
-without it, the vLLM one, keeps only what a resumed group started from), and records them into the
+flight, updated as the engine reports tokens (both streaming engines' ``on_tokens``, asked for only
+in a run that checkpoints while it goes: ``record_partials``), and records them into the
 queue when the driver asks before a checkpoint (it long-polls ``QueueActor.partials_wanted``). A
 resumed run hands a re-issued group its record (``generate(..., partials=...)``): each response
 goes on from its kept tokens (prompt + kept ids as the prompt, the token limit reduced, the kept
