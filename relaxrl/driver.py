@@ -378,20 +378,28 @@ async def save_checkpoint(roles: Roles, cfg: DictConfig, stats: RunResult, name:
     return checkpoint.finish(tmp, final, meta, cfg.run_dir)
 
 
-async def restore(roles: Roles, cfg: DictConfig, env: Any, path: str, stats: RunResult) -> TaskStream:
+async def restore(roles: Roles, cfg: DictConfig, env: Any, path: str, stats: RunResult, monitor: Monitor) -> TaskStream:
     """Load a checkpoint into the fresh roles; returns the task stream at the checkpoint's position."""
     meta = checkpoint.load_meta(path)
     checkpoint.restore_run_files(path, cfg.run_dir)
     version = await roles.actor.load_checkpoint.remote(path)  # also publishes the restored weights
     await roles.queue.restore.remote(meta["queue"])
-    stats.start_step = stats.steps = int(meta["step"])
-    stats.start_version = version
-    stats.rewards = list(meta["rewards"])
+    tasks = _adopt(cfg, env, meta, version, stats, monitor)
     stats.resumed_from = path
-    stats.resume_partials = set(checkpoint.partial_rollouts(meta))
     log.warning("resumed from %s at step %d (version %d); %d groups in flight are generated again (%d of them "
                 "go on from their recorded partial rollouts)", path, stats.steps, version, len(meta["queue"]["in_flight"]),
                 len(stats.resume_partials))
+    return tasks
+
+
+def _adopt(cfg: DictConfig, env: Any, meta: dict, version: int, stats: RunResult, monitor: Monitor) -> TaskStream:
+    """The run goes on from checkpoint ``meta`` (weights at ``version``): its step, rewards, partial
+    rollouts and metrics rows; returns the task stream at the checkpoint's position."""
+    stats.start_step = stats.steps = int(meta["step"])
+    stats.start_version = version
+    stats.rewards = list(meta["rewards"])
+    stats.resume_partials = set(checkpoint.partial_rollouts(meta))
+    monitor.rewind(stats.steps)
     return TaskStream(env, cfg.seed, start=meta["queue"]["admitted"], keep=tuple(meta["queue"]["in_flight"]))
 
 
@@ -415,7 +423,8 @@ def restorable(cfg: DictConfig, stats: RunResult, lost: TrainerLost) -> str:
     return path
 
 
-async def restore_lost_trainer(roles: Roles, cfg: DictConfig, env: Any, path: str, stats: RunResult) -> TaskStream:
+async def restore_lost_trainer(roles: Roles, cfg: DictConfig, env: Any, path: str, stats: RunResult,
+                               monitor: Monitor) -> TaskStream:
     """Put the run back at checkpoint ``path`` after its trainer was lost (the producers have
     stopped): the trainer replica Serve restarted loads it and publishes its weights, the rollout
     replicas are replaced (they hold newer weights, which they would never give up for older
@@ -433,16 +442,13 @@ async def restore_lost_trainer(roles: Roles, cfg: DictConfig, env: Any, path: st
     # no put of the lost run can still reach the queue once it is reset.
     await roles.queue.reset.remote(meta["queue"])
     checkpoint.restore_run_files(path, cfg.run_dir)  # the train log loses the steps after the checkpoint
-    stats.start_step = stats.steps = int(meta["step"])
-    stats.start_version = version
-    stats.rewards = list(meta["rewards"])
-    stats.resume_partials = set(checkpoint.partial_rollouts(meta))
+    tasks = _adopt(cfg, env, meta, version, stats, monitor)
     stats.trainer_restarts += 1
     stats.restored_from.append(path)
     log.warning("trainer restored from %s at step %d (version %d): the %d steps trained since are lost and trained "
                 "again; %d groups in flight then are generated again", path, stats.steps, version,
                 lost_at - stats.steps, len(meta["queue"]["in_flight"]))
-    return TaskStream(env, cfg.seed, start=meta["queue"]["admitted"], keep=tuple(meta["queue"]["in_flight"]))
+    return tasks
 
 
 async def _call_restarted(call: Callable[[], Awaitable], timeout_s: float) -> Any:
@@ -495,7 +501,7 @@ async def run(roles: Roles, cfg: DictConfig, env: Any, prompt_ids: Any, monitor:
               resume: Optional[str] = None, max_prompt_tokens: Optional[int] = None,
               on_step: Optional[StepHook] = None, build_request: Optional[RequestBuilder] = None) -> RunResult:
     stats = RunResult()
-    tasks = await restore(roles, cfg, env, resume, stats) if resume else TaskStream(env, cfg.seed)
+    tasks = await restore(roles, cfg, env, resume, stats, monitor) if resume else TaskStream(env, cfg.seed)
     r = cfg.rollout
     inflight = r.max_inflight_groups or r.groups_per_step * (r.max_staleness + 1 + r.admit_ahead_steps)
     per_request = groups_per_request(r.groups_per_request, r.batch_max_groups, r.groups_per_step, r.num_replicas)
@@ -517,7 +523,7 @@ async def run(roles: Roles, cfg: DictConfig, env: Any, prompt_ids: Any, monitor:
             await asyncio.gather(*producers, return_exceptions=True)
         if restore_from is None:
             break
-        tasks = await restore_lost_trainer(roles, cfg, env, restore_from, stats)
+        tasks = await restore_lost_trainer(roles, cfg, env, restore_from, stats, monitor)
     if cfg.trainer.save_final:
         stats.checkpoint = await save_checkpoint(roles, cfg, stats, "final")
     stats.queue = await roles.queue.metrics.remote()
