@@ -71,6 +71,7 @@ def prepare_model_dir(cfg: DictConfig) -> str:
         return os.path.abspath(os.path.expanduser(m.path))
     if m.source != "tiny":
         raise ValueError(f"model.source must be 'tiny' or 'local', got {m.source!r}")
+    from relaxrl.config_check import prompt_template_of
     from relaxrl.envs.registry import make_env
     from relaxrl.models.loading import prepare_tiny_model_dir
 
@@ -82,6 +83,7 @@ def prepare_model_dir(cfg: DictConfig) -> str:
         warm_start_pairs_fn=(lambda n: pairs_fn(n, seed=m.warm_start.seed)) if pairs_fn else None,
         warm_start=plain(m.warm_start),
         key_extra={"env": plain(cfg.env)},
+        prompt_template=prompt_template_of(cfg),
     )
 
 
@@ -95,6 +97,7 @@ def prepare_teacher_dir(cfg: DictConfig) -> Optional[str]:
 
         load_tokenizer(t.teacher_checkpoint)  # fails early and clearly if the directory is wrong
         return os.path.abspath(os.path.expanduser(t.teacher_checkpoint))
+    from relaxrl.config_check import prompt_template_of
     from relaxrl.envs.registry import make_env
     from relaxrl.models.loading import prepare_tiny_model_dir
 
@@ -108,6 +111,7 @@ def prepare_teacher_dir(cfg: DictConfig) -> Optional[str]:
         warm_start_pairs_fn=lambda n: env.teacher_pairs(n, seed=ws["seed"]),
         warm_start=ws,
         key_extra={"env": plain(cfg.env), "role": "teacher"},
+        prompt_template=prompt_template_of(cfg),
     )
 
 

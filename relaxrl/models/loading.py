@@ -129,18 +129,20 @@ def prepare_tiny_model_dir(
     warm_start_pairs_fn: Optional[Callable[[int], list[tuple[str, str]]]],
     warm_start: dict,
     key_extra: dict,
+    prompt_template: Optional[str] = None,
 ) -> str:
     """Build (or reuse) a tiny model + tokenizer directory under ``cache_dir``; returns its path.
 
     The directory name hashes ``model_kwargs``, ``warm_start`` and ``key_extra``; the pairs function
     is not hashable, so ``key_extra`` must identify what it produces (e.g. the env's config).
-    ``warm_start_pairs_fn(n)`` is asked for ``steps * batch_size`` pairs.
+    ``warm_start_pairs_fn(n)`` is asked for ``steps * batch_size`` pairs; their prompts are rendered
+    with ``prompt_template`` (``env.prompt_template``) when given, as RL will render them.
     """
     unknown = set(warm_start) - set(WARM_START_DEFAULTS)
     if unknown:
         raise ValueError(f"unknown warm_start key(s) {sorted(unknown)}; valid: {list(WARM_START_DEFAULTS)}")
     ws = {**WARM_START_DEFAULTS, **warm_start}
-    key = cache_key(model_kwargs, ws, key_extra)
+    key = cache_key(model_kwargs, ws, {**key_extra, **({"prompt_template": prompt_template} if prompt_template else {})})
     root = Path(cache_dir)
     final = root / key
     if (final / MARKER).is_file():
@@ -157,7 +159,8 @@ def prepare_tiny_model_dir(
         if ws["steps"] > 0 and warm_start_pairs_fn is not None:
             pairs = warm_start_pairs_fn(ws["steps"] * ws["batch_size"])
             metrics = run_warm_start(
-                model, tokenizer, pairs, steps=ws["steps"], lr=ws["lr"], batch_size=ws["batch_size"], seed=ws["seed"]
+                model, tokenizer, pairs, steps=ws["steps"], lr=ws["lr"], batch_size=ws["batch_size"], seed=ws["seed"],
+                prompt_template=prompt_template,
             )
         model.eval()
         model.save_pretrained(tmp)

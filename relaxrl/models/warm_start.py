@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,9 +19,11 @@ log = logging.getLogger(__name__)
 IGNORE = -100
 
 
-def encode_pair(tokenizer: Any, prompt: str, answer: str) -> tuple[list[int], list[int]]:
-    """(input ids, labels): the chat-rendered prompt is masked out, the answer and EOS are learned."""
-    prompt_ids = render_prompt_ids(tokenizer, prompt)
+def encode_pair(tokenizer: Any, prompt: str, answer: str,
+                prompt_template: Optional[str] = None) -> tuple[list[int], list[int]]:
+    """(input ids, labels): the prompt, rendered as the policy will see it in RL (``env.prompt_template``
+    when set, else the chat template), is masked out; the answer and EOS are learned."""
+    prompt_ids = render_prompt_ids(tokenizer, prompt, prompt_template)
     answer_ids = list(tokenizer(answer, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
     return prompt_ids + answer_ids, [IGNORE] * len(prompt_ids) + answer_ids
 
@@ -69,8 +71,10 @@ def warm_start(
     lr: float,
     batch_size: int,
     seed: int,
+    prompt_template: Optional[str] = None,
 ) -> dict[str, Any]:
-    """Fine-tune ``model`` in place on ``pairs`` for ``steps`` AdamW steps; returns loss metrics."""
+    """Fine-tune ``model`` in place on ``pairs`` for ``steps`` AdamW steps; returns loss metrics.
+    ``prompt_template``: render prompts with it (``env.prompt_template``) instead of the chat template."""
     if steps < 0 or batch_size < 1:
         raise ValueError(f"need steps >= 0 and batch_size >= 1, got steps={steps}, batch_size={batch_size}")
     if steps > 0 and not pairs:
@@ -79,7 +83,7 @@ def warm_start(
         raise ValueError("warm_start needs a tokenizer with eos and pad tokens")
     torch.manual_seed(seed)  # dropout, if the model has any
     rng = random.Random(seed)
-    encoded = [encode_pair(tokenizer, p, a) for p, a in pairs]
+    encoded = [encode_pair(tokenizer, p, a, prompt_template) for p, a in pairs]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     was_training = model.training
     model.train()
@@ -97,6 +101,7 @@ def warm_start(
     tail = losses[-10:]
     metrics = {
         "steps": steps,
+        "prompt": "chat template" if prompt_template is None else prompt_template,
         "initial_loss": losses[0] if losses else float("nan"),
         "final_loss": losses[-1] if losses else float("nan"),
         "final_loss_avg10": sum(tail) / len(tail) if tail else float("nan"),

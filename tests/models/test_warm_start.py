@@ -105,3 +105,36 @@ def test_prepare_lost_race_keeps_the_winners_directory(tmp_path, monkeypatch):
     assert path == str(tmp_path / key)
     assert json.loads((tmp_path / key / loading.MARKER).read_text())["metrics"] == {"winner": True}
     assert os.listdir(tmp_path) == [key]  # our temp directory was cleaned up
+
+
+def _answer_nll(model, tok, pairs, template):
+    """Mean NLL of the answers (+ EOS) with prompts rendered by ``template`` (None: the chat template)."""
+    from relaxrl.models.warm_start import sft_loss
+
+    ids, mask, labels = pad_batch([encode_pair(tok, p, a, template) for p, a in pairs], tok.pad_token_id)
+    with torch.no_grad():
+        return float(sft_loss(model, ids, mask, labels))
+
+
+def test_warm_start_renders_prompts_with_env_prompt_template(tmp_path):
+    """env.prompt_template is what RL renders prompts with: the warm start must train on it too (it
+    used the chat template whatever the env said, so RL began from a model taught another prompt)."""
+    from relaxrl.launch import prepare_model_dir
+    from tests.integration.helpers import make_cfg
+
+    pairs = ArithmeticEnv().sft_pairs(64, seed=0)
+    data = tmp_path / "add.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in pairs))
+    template = "Q: {prompt}\nA:"
+    cfg = make_cfg(tmp_path / "run", tmp_path / "cache", "env=dataset", f"env.path={data}",
+                   f"env.prompt_template='{template}'", "model.warm_start.steps=60",
+                   "model.tiny.hidden_size=64", "model.tiny.num_heads=2", "model.tiny.num_kv_heads=1",
+                   "model.tiny.intermediate_size=128")
+    path = prepare_model_dir(cfg)
+    marker = json.loads((tmp_path / "cache" / os.path.basename(path) / loading.MARKER).read_text())
+    model, tok = load_model(path), load_tokenizer(path)
+    with_template, with_chat = _answer_nll(model, tok, pairs, template), _answer_nll(model, tok, pairs, None)
+    assert with_template < 0.7 * with_chat, (with_template, with_chat)
+    assert marker["metrics"]["prompt"] == template
+    assert encode_pair(tok, "3+4=", "7", template)[0][:len(tok("Q: 3+4=\nA:")["input_ids"])] == \
+        tok("Q: 3+4=\nA:")["input_ids"]
