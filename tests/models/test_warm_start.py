@@ -135,6 +135,7 @@ def test_warm_start_renders_prompts_with_env_prompt_template(tmp_path):
     model, tok = load_model(path), load_tokenizer(path)
     with_template, with_chat = _answer_nll(model, tok, pairs, template), _answer_nll(model, tok, pairs, None)
     assert with_template < 0.7 * with_chat, (with_template, with_chat)
+    print(f"answer NLL: {with_template:.3f} under the template, {with_chat:.3f} under the chat template")
     assert marker["metrics"]["prompt"] == template
     assert encode_pair(tok, "3+4=", "7", template)[0][:len(tok("Q: 3+4=\nA:")["input_ids"])] == \
         tok("Q: 3+4=\nA:")["input_ids"]
